@@ -1,0 +1,1 @@
+"""The batching engine (torch) and its torch-free protocol and scheduler."""
