@@ -1,0 +1,48 @@
+"""Device and dtype policy, resolved once and logged with its reason.
+
+Policy: float32 on CPU (exact reproduction of the reference), bfloat16 on CUDA (the released
+weights' dtype); an explicit override wins. The sampler state and the diffusion arithmetic stay
+float32 regardless (see ``sampling.py``). No autocast anywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+
+def resolve(device: str | None = None, dtype: str | None = None) -> Placement:
+    if device in (None, "auto"):
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if dtype not in (None, "auto"):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        placement = Placement(dev, _DTYPES[dtype], f"explicit dtype={dtype}")
+    elif dev.type == "cuda":
+        placement = Placement(dev, torch.bfloat16, "CUDA device: bfloat16 (released weights' dtype)")
+    else:
+        placement = Placement(dev, torch.float32, f"{dev.type} device: float32 (exact reference reproduction)")
+    logger.info("device %s, dtype %s (%s)", placement.device, placement.dtype, placement.reason)
+    return placement
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

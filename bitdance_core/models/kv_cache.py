@@ -1,0 +1,45 @@
+"""A static, preallocated KV cache with one slot (row) per sequence and per-row lengths.
+
+Shape ``(layers, rows, max_len, kv_heads, head_dim)`` for keys and values, allocated once and
+written in place: no per-step allocation or concatenation. A forward works on a subset of rows
+(``slots``); each row has its own length, so conditional and unconditional streams, prompts of
+different lengths and requests of different sizes share one batch. Row lengths live on the host
+(the scheduler knows them), so building indices never syncs with the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (layers, rows, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = [0] * rows
+        self.rows, self.max_len = rows, max_len
+
+    @staticmethod
+    def bytes_per_token_row(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def reset(self, slots) -> None:
+        for s in slots:
+            self.lengths[s] = 0
+
+    def copy_prefix(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Install a precomputed prefix ``(layers, L, kv_heads, head_dim)`` into an empty row."""
+        n = k.shape[1]
+        self.k[:, slot, :n] = k
+        self.v[:, slot, :n] = v
+        self.lengths[slot] = n
+
+    def export_prefix(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.lengths[slot]
+        return self.k[:, slot, :n].clone(), self.v[:, slot, :n].clone()
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

@@ -1,0 +1,151 @@
+"""Strict loading of an official BitDance checkpoint directory.
+
+Modules are built on the ``meta`` device (no throw-away random init) and receive tensors read
+from memory-mapped safetensors files, converted one at a time to the placement's device and dtype
+and adopted with ``load_state_dict(strict=True, assign=True)``. Every mismatch (missing file,
+missing or unexpected key, wrong shape) is an error naming the file and the keys; nothing is
+ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import CheckpointError, ModelConfig
+from .device import Placement, resolve
+from .models.autoencoder import BinaryAutoencoder
+from .models.diffusion_head import DiffusionHead
+from .models.projector import Projector
+from .models.qwen3 import Qwen3Model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    placement: Placement
+    llm: Qwen3Model
+    head: DiffusionHead
+    projector: Projector
+    ae: BinaryAutoencoder
+    tokenizer: object
+
+
+def _fmt(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _llm_files(model_dir: Path) -> dict[str, Path]:
+    """Map each LLM tensor name to the file holding it (single file or sharded with an index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = {k: model_dir / v for k, v in weight_map.items()}
+        missing = sorted({p.name for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{index.name} names shard files that are missing: {missing}")
+        return files
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json exists")
+    with safe_open(str(single), "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _file_keys(path: Path) -> dict[str, Path]:
+    if not path.is_file():
+        raise CheckpointError(f"missing file {path.name} in checkpoint directory {path.parent}")
+    with safe_open(str(path), "pt") as f:
+        return {k: path for k in f.keys()}
+
+
+def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement, *, prefix: str = "",
+              ignore_prefixes: tuple[str, ...] = (), what: str = "") -> None:
+    """Fill a meta-built module from safetensors ``sources`` (file key → path), strictly.
+
+    ``prefix`` is prepended to the module's own key names to find them in the files;
+    file keys starting with one of ``ignore_prefixes`` are allowed and skipped.
+    """
+    expected = {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()}
+    present = set(sources)
+    skipped = {k for k in present if k.startswith(ignore_prefixes)} if ignore_prefixes else set()
+    missing = set(expected) - present
+    unexpected = present - set(expected) - skipped
+    files = sorted({p.name for p in sources.values()}) or [what]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_fmt(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_fmt(unexpected)}")
+        raise CheckpointError(f"{what or files}: " + "; ".join(parts))
+    by_file: dict[Path, list[str]] = {}
+    for k in expected:
+        by_file.setdefault(sources[k], []).append(k)
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        with safe_open(str(path), "pt", device="cpu") as f:
+            for k in keys:
+                sl = f.get_slice(k)
+                shape = tuple(sl.get_shape())
+                want = tuple(expected[k].shape)
+                if shape != want:
+                    raise CheckpointError(f"{path.name}: key {k} has shape {shape}, expected {want}")
+                t = f.get_tensor(k)
+                state[k[len(prefix):]] = t.to(device=placement.device, dtype=placement.dtype)
+                del t
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def build_modules(config: ModelConfig, *, with_encoder: bool = False, device: str | torch.device = "meta"):
+    """Construct the four modules (on ``meta`` by default: shapes only, no init cost)."""
+    with torch.device(device):
+        llm = Qwen3Model(config.llm)
+        head = DiffusionHead(**config.head)
+        projector = Projector(config.z_channels, config.llm.hidden_size)
+        ae = BinaryAutoencoder(dict(config.ae_ddconfig), gan_decoder=config.gan_decoder, with_encoder=with_encoder)
+    return llm, head, projector, ae
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # transformers raises several types for a broken tokenizer dir
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from e
+    if not getattr(tok, "is_fast", False):
+        raise CheckpointError(f"{model_dir}: a fast tokenizer (tokenizer.json) is required")
+    return tok
+
+
+def load_model(model_dir: str | Path, device: str | None = None, dtype: str | None = None, *,
+               with_encoder: bool = False) -> LoadedModel:
+    """Load a checkpoint directory in the official layout onto one device, strictly."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    placement = resolve(device, dtype)
+    tokenizer = load_tokenizer(model_dir)
+    llm, head, projector, ae = build_modules(config, with_encoder=with_encoder)
+    load_into(llm, _llm_files(model_dir), placement, prefix="model.", ignore_prefixes=("lm_head.",),
+              what="LLM weights (model*.safetensors)")
+    load_into(head, _file_keys(model_dir / "vision_head.safetensors"), placement, what="vision_head.safetensors")
+    load_into(projector, _file_keys(model_dir / "projector.safetensors"), placement, what="projector.safetensors")
+    load_into(ae, _file_keys(model_dir / "ae.safetensors"), placement,
+              ignore_prefixes=() if with_encoder else ("encoder.",), what="ae.safetensors")
+    for m in (llm, head, projector, ae):
+        m.eval().requires_grad_(False)
+    n_params = sum(p.numel() for m in (llm, head, projector, ae) for p in m.parameters())
+    logger.info("loaded %s: %.1fM parameters on %s (%s)", config.name, n_params / 1e6, placement.device,
+                placement.dtype)
+    return LoadedModel(config, placement, llm, head, projector, ae, tokenizer)
