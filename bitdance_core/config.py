@@ -97,7 +97,8 @@ class ModelConfig:
             raise CheckpointError(f"vision_head_config.json: parallel_num={self.parallel_num} is not a square")
         if self.head["ch_cond"] != self.llm.hidden_size:
             raise CheckpointError(
-                f"vision_head_config.json: ch_cond={self.head['ch_cond']} != config.json hidden_size={self.llm.hidden_size}"
+                f"vision_head_config.json: ch_cond={self.head['ch_cond']} != "
+                f"config.json hidden_size={self.llm.hidden_size}"
             )
         if self.head["ch_target"] != self.z_channels:
             raise CheckpointError(
