@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 
 
 def default_preview_every(total_steps: int, previews: int = 8) -> int:
-    """About ``previews`` previews per image (the last step's image is the final one, not a preview)."""
-    return max(1, round(total_steps / (previews + 1)))
+    """Every ``T // previews`` AR steps: about ``previews`` images per request, the last being the final one."""
+    return max(1, total_steps // previews)
 
 
 class PreviewRenderer:
