@@ -58,8 +58,8 @@ def euler_maruyama(
     device = x.device
     cfg_idx = g = None
     if cfg:
-        cfg_idx = torch.tensor(cfg, device=device)
-        g = torch.tensor([guidance[i] for i in cfg], device=device, dtype=torch.float32)[:, None, None]
+        cfg_idx = _to_device(torch.tensor(cfg), device)
+        g = _to_device(torch.tensor([guidance[i] for i in cfg], dtype=torch.float32), device)[:, None, None]
     rows = n + len(cfg)
     dt = time_increments(steps, time_shift, device=device)
     t = torch.tensor(0.0, device=device, dtype=torch.float32)
@@ -84,6 +84,11 @@ def euler_maruyama(
         t += dt[i]
     t_rows[:] = 1 - LAST_STEP
     return x + velocity(x) * LAST_STEP
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor to the device without a stream sync on CUDA (pinned, non-blocking)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..device import to_device
 from ..models.kv_cache import KVCache
 from ..models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from ..pipeline import to_uint8
@@ -242,8 +243,9 @@ class Engine:
         ids = torch.zeros(len(rows), longest, dtype=torch.long)
         for r, (_, x) in enumerate(rows):
             ids[r, : len(x)] = torch.tensor(x)
-        hidden = llm(llm.embed_tokens(ids.to(self.device)), llm.plan_cached(cache, slots, lengths, longest, block=P))
-        last = torch.tensor(lengths, device=self.device)[:, None] - P + torch.arange(P, device=self.device)
+        plan = llm.plan_cached(cache, slots, lengths, longest, block=P)
+        hidden = llm(llm.embed_tokens(to_device(ids, self.device)), plan)
+        last = to_device(lengths, self.device)[:, None] - P + torch.arange(P, device=self.device)
         hid = hidden.gather(1, last[:, :, None].expand(len(rows), P, hidden.shape[-1]))
         by_slot = {s: hid[r] for r, s in enumerate(slots)}
         for key, slot in pending.items():

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..attention import attention
 from ..config import LLMConfig
+from ..device import to_device
 from .kv_cache import KVCache
 
 
@@ -169,13 +170,13 @@ class Qwen3Model(nn.Module):
         dev = self.device
         starts = [cache.lengths[s] for s in slots]
         key_len = max(s + n for s, n in zip(starts, new_tokens))
-        start_t = torch.tensor(starts, device=dev)[:, None]
+        start_t = to_device(starts, dev)[:, None]
         write_pos = start_t + torch.arange(length, device=dev)[None, :]  # (R, L)
         cos, sin = self.rope(write_pos, self.dtype)
         uniform = len(set(starts)) == 1 and all(n == length for n in new_tokens)
         mask = None
         if not (uniform and block == length):
-            n_t = torch.tensor(new_tokens, device=dev)[:, None, None]
+            n_t = to_device(new_tokens, dev)[:, None, None]
             q_abs = write_pos[:, :, None]  # (R, L, 1)
             k_idx = torch.arange(key_len, device=dev)[None, None, :]  # (1, 1, Lk)
             block_start = start_t[:, :, None] + n_t - block
@@ -188,5 +189,5 @@ class Qwen3Model(nn.Module):
             if cache.lengths[s] + length > cache.max_len:
                 raise ValueError(f"KV cache row {s} overflows: {cache.lengths[s]} + {length} > {cache.max_len}")
             cache.lengths[s] += n
-        return AttnPlan(cos=cos, sin=sin, mask=mask, cache=cache, slots=torch.tensor(slots, device=dev),
+        return AttnPlan(cos=cos, sin=sin, mask=mask, cache=cache, slots=to_device(slots, dev),
                         slot_range=slot_range, write_pos=write_pos, key_len=key_len)
