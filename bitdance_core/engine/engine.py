@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..device import to_device
@@ -315,10 +316,11 @@ class Engine:
                 st.hidden = h
         t3 = self._tick()
         phases["prior"] = t3 - t2
+        finished = [st for st in running if st.step == st.total_steps]
+        if finished:
+            events.extend(self._finish(finished))
         for st in running:
-            if st.step == st.total_steps:
-                events.append(self._finish(st))
-            else:
+            if st.step < st.total_steps:
                 events.append(EngineEvent(st.id, EventKind.PROGRESS, {"step": st.step, "total_steps": st.total_steps}))
                 if st.preview_every > 0 and st.step % st.preview_every == 0:
                     events.append(self._preview(st))
@@ -334,11 +336,25 @@ class Engine:
         return EngineEvent(st.id, EventKind.PREVIEW, {"step": st.step, "total_steps": st.total_steps, "images": img,
                                                       "since_arrival_s": now - st.arrival})
 
-    def _finish(self, st: RequestState) -> EngineEvent:
-        t0 = time.perf_counter()
-        latent = unpatchify_tokens(st.tokens, st.h, st.w, self.model.config.patch_side)
-        images = to_uint8(self.model.ae.decode(latent.to(self.model.ae.dtype), generator=st.generator))
-        decode_s = time.perf_counter() - t0
+    def _finish(self, done: list[RequestState]) -> list[EngineEvent]:
+        """Decode finished requests, one batched decode per latent size (per request for a GAN decoder,
+        whose noise comes from each request's generator)."""
+        ae, ps = self.model.ae, self.model.config.patch_side
+        groups: dict[tuple, list[RequestState]] = {}
+        for st in done:
+            key = (st.h, st.w) if not ae.gan_decoder else (st.id,)
+            groups.setdefault(key, []).append(st)
+        events = []
+        for reqs in groups.values():
+            t0 = time.perf_counter()
+            latent = torch.cat([unpatchify_tokens(st.tokens, st.h, st.w, ps) for st in reqs])
+            images = to_uint8(ae.decode(latent.to(ae.dtype), generator=reqs[0].generator))
+            decode_s = (time.perf_counter() - t0) / len(reqs)
+            for st, imgs in zip(reqs, np.split(images, np.cumsum([st.num_images for st in reqs])[:-1])):
+                events.append(self._completed(st, imgs, decode_s))
+        return events
+
+    def _completed(self, st: RequestState, images: np.ndarray, decode_s: float) -> EngineEvent:
         self.requests.pop(st.id, None)
         self.scheduler.finish(st.id)
         now = time.monotonic()

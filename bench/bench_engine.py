@@ -1,0 +1,90 @@
+"""Engine throughput vs the single-request pipeline, side by side in one run.
+
+    python bench/bench_engine.py                      # the golden tiny checkpoint, CPU
+    python bench/bench_engine.py --model DIR --size 64x64 --steps 20 --guidance 4
+
+For N in 1, 2, 4, 8: N requests run one after another through ``BitDancePipeline`` and the same
+N requests submitted together to the ``Engine``; prints images/s of each and the ratio, the
+engine's time to first preview, and where an engine step spends its time (prefill / head /
+projector / prior / decode / preview). Ratios come from the same process and the same minutes,
+so machine noise mostly cancels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bitdance_core.engine.engine import Engine, EngineConfig
+from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.pipeline import BitDancePipeline
+
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny-a"
+
+
+def requests(n: int, h: int, w: int, steps: int, guidance: float, tag: str, preview_every: int | None):
+    return [GenerationRequest(f"{tag}{i}", f"a test prompt number {i}", h, w, seed=1000 + i, steps=steps,
+                              guidance_scale=guidance, preview_every=preview_every) for i in range(n)]
+
+
+def run_engine(engine: Engine, reqs) -> tuple[float, list[float], dict[str, float], int]:
+    t0 = time.perf_counter()
+    for r in reqs:
+        engine.add_request(r)
+    first_preview: dict[str, float] = {}
+    phases: dict[str, float] = {}
+    steps = 0
+    while engine.has_work():
+        for ev in engine.step():
+            if ev.kind is EventKind.PREVIEW and ev.request_id not in first_preview:
+                first_preview[ev.request_id] = time.perf_counter() - t0
+        steps += 1
+        for k, v in engine.last_phases.items():
+            phases[k] = phases.get(k, 0.0) + v
+    return time.perf_counter() - t0, list(first_preview.values()), phases, steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(FIXTURE))
+    ap.add_argument("--size", default="128x128", help="WxH")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--concurrency", default="1,2,4,8")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    w, h = (int(x) for x in args.size.split("x"))
+    pipe = BitDancePipeline.from_pretrained(args.model)
+    engine = Engine(pipe.model, EngineConfig(max_batch_requests=16))
+    T = engine.sizes.ar_steps(h, w)
+    every = engine.preview_every_for(h, w)
+    engine.previews.choose_method(0.01, T, every, *engine.sizes.grid(h, w))
+    print(f"model {pipe.config.name}  size {w}x{h}  AR steps {T}  diffusion steps {args.steps}  guidance "
+          f"{args.guidance}  threads {torch.get_num_threads()}  preview every {every} ({engine.previews.method})")
+    run_engine(engine, requests(2, h, w, args.steps, args.guidance, "warm", 0))  # warm-up
+    pipe("warm", h, w, steps=args.steps, guidance_scale=args.guidance, seed=0)
+    print(f"{'N':>3} {'pipeline img/s':>15} {'engine img/s':>13} {'ratio':>6} {'first preview s':>16} {'engine steps':>12}")
+    split_total: dict[str, float] = {}
+    for n in (int(x) for x in args.concurrency.split(",")):
+        reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-", None)
+        t0 = time.perf_counter()
+        for r in reqs:
+            pipe(r.prompt, h, w, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed)
+        seq = time.perf_counter() - t0
+        eng, first, phases, steps = run_engine(engine, reqs)
+        for k, v in phases.items():
+            split_total[k] = split_total.get(k, 0.0) + v
+        fp = statistics.median(first) if first else float("nan")
+        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {seq / eng:>6.2f} {fp:>16.3f} {steps:>12}")
+    total = sum(split_total.values()) or 1.0
+    print("engine step split: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in split_total.items()))
+
+
+if __name__ == "__main__":
+    main()
