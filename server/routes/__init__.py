@@ -1,0 +1,1 @@
+"""HTTP routes: generate, openai (images API), health (healthz/readyz/metrics/info), web (page)."""

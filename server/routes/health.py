@@ -1,0 +1,69 @@
+"""``/healthz`` (process alive), ``/readyz`` (a worker is ready), ``/metrics``, ``/info``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import bitdance_core
+from server.params import allowed_sizes
+from server.routes.generate import model_info
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    pool = request.app.state.pool
+    ready, total = pool.num_ready, len(pool.workers)
+    if pool.draining or pool.closed:
+        status = "draining"
+    elif ready:
+        status = "ready"
+    else:
+        status = "starting" if all(w.restarts == 0 and w.state == "starting" for w in pool.workers) else "unavailable"
+    body = {"status": status, "workers_ready": ready, "workers": total}
+    return JSONResponse(body, status_code=200 if status == "ready" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/info")
+async def info(request: Request) -> dict[str, Any]:
+    """What the served model accepts: sizes ('WxH'), defaults, limits, and the workers."""
+    pool = request.app.state.pool
+    info = model_info(request)
+    h, w = info["default_size"]
+    return {
+        "model": info["model"],
+        "model_dir": info.get("model_dir"),
+        "version": bitdance_core.__version__,
+        "sizes": allowed_sizes(info),
+        "default_size": f"{w}x{h}",
+        "defaults": info["defaults"],
+        "limits": info["limits"],
+        "parallel_num": info["parallel_num"],
+        "downsample": info["downsample"],
+        "preview_every": info.get("preview_every"),
+        "output_formats": ["png", "jpeg", "webp"],
+        "max_queue": request.app.state.settings.max_queue,
+        "workers": [
+            {
+                **wk.describe(),
+                "dtype": (wk.info or {}).get("dtype"),
+                "attention_backend": (wk.info or {}).get("attention_backend"),
+            }
+            for wk in pool.workers
+        ],
+    }

@@ -1,0 +1,139 @@
+"""OpenAI-compatible ``POST /v1/images/generations`` and ``GET /v1/models``.
+
+Streaming follows the Images API: ``image_generation.partial_image`` events (``partial_image_index``
+0-based, at most ``partial_images`` of them) then one ``image_generation.completed`` per image,
+with ``type`` inside the JSON data (the official client dispatches on it). A failure is an
+``error`` event whose data is ``{"type": "error", "error": {code, message}}``, which the client
+raises as ``APIError``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.errors import APIError
+from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
+from server.routes.generate import model_info
+from server.schemas import OpenAIImageBody
+from server.sse import ClientGone, Event, first_event, frame, sse_response, wait_result
+
+router = APIRouter(prefix="/v1")
+
+
+def _usage(info: dict[str, Any], height: int, width: int, n: int, data: dict[str, Any]) -> dict[str, Any]:
+    prompt_tokens = int(data.get("prompt_tokens", 0))
+    image_tokens = ar_steps(info, height, width) * int(info["parallel_num"]) * n
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"text_tokens": prompt_tokens, "image_tokens": 0},
+        "output_tokens": image_tokens,
+        "total_tokens": prompt_tokens + image_tokens,
+        "output_tokens_details": {"image_tokens": image_tokens, "text_tokens": 0},
+    }
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    info = model_info(request)
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": info["model"],
+                "object": "model",
+                "created": int(request.app.state.started_at),
+                "owned_by": "bitdance",
+            }
+        ],
+    }
+
+
+@router.post("/images/generations", response_model=None)
+async def images_generations(body: OpenAIImageBody, request: Request) -> Response:
+    pool = request.app.state.pool
+    info = model_info(request)
+    width, height = parse_size(body.size, info)
+    partial_images = body.partial_images or 0
+    if width is None or height is None:
+        height, width = info["default_size"]
+    req = build_request(
+        info,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=width,
+        height=height,
+        size_field="size",
+        num_images=body.n,
+        num_images_field="n",
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        output_format=body.output_format,
+        preview_every=preview_every_for(info, height, width, partial_images) if body.stream else 0,
+    )
+    st = pool.submit(req)
+    common = {
+        "size": f"{req.width}x{req.height}",
+        "quality": "auto",
+        "background": "opaque",
+        "output_format": req.output_format,
+    }
+    headers = {"X-Request-ID": req.request_id, "X-Seed": str(req.seed)}
+
+    if body.stream:
+        first = await first_event(st)
+        if first is not None and first[0] == "failed":
+            raise APIError.from_failed(first[1])
+        sent = 0
+
+        def render(event: Event) -> Iterable[bytes]:
+            nonlocal sent
+            kind, data = event
+            now = int(time.time())
+            if kind == "preview" and sent < partial_images:
+                payload = {
+                    "type": "image_generation.partial_image",
+                    "b64_json": b64(data["image"]),
+                    "partial_image_index": sent,
+                    "created_at": now,
+                    **common,
+                }
+                sent += 1
+                yield frame("image_generation.partial_image", payload)
+            elif kind == "completed":
+                usage = _usage(info, req.height, req.width, req.num_images, data)
+                for image in data["images"]:
+                    payload = {
+                        "type": "image_generation.completed",
+                        "b64_json": b64(image["data"]),
+                        "created_at": now,
+                        **common,
+                        "usage": usage,
+                    }
+                    yield frame("image_generation.completed", payload)
+            elif kind == "failed":
+                err = {"code": data.get("code"), "message": data.get("message"), "type": data.get("code")}
+                yield frame("error", {"type": "error", "error": err})
+
+        return sse_response(st, pool, render, request.app.state.settings.stream_heartbeat_s, first, headers)
+
+    try:
+        kind, data = await wait_result(request, st, pool)
+    except ClientGone:
+        return Response(status_code=499)
+    if kind == "failed":
+        raise APIError.from_failed(data)
+    return JSONResponse(
+        {
+            "created": int(time.time()),
+            "data": [{"b64_json": b64(image["data"]), "revised_prompt": None} for image in data["images"]],
+            **common,
+            "usage": _usage(info, req.height, req.width, req.num_images, data),
+        },
+        headers=headers,
+    )

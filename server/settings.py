@@ -1,0 +1,195 @@
+"""All HTTP-server settings, in one pydantic-settings class (env prefix ``BITDANCE_``).
+
+This is the only place on the API side that reads the environment. ``bitdance serve`` flags are
+generated from these fields (:mod:`server.cli`), so ``--max-queue 8`` and ``BITDANCE_MAX_QUEUE=8``
+are the same knob; a flag wins over the environment. List-valued settings take comma-separated
+strings (``BITDANCE_DEVICES=cuda:0,cuda:1``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bitdance_core.engine.protocol import WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|auto)$")
+_SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Settings of ``bitdance serve``. Every field is also a ``BITDANCE_<NAME>`` variable and a flag."""
+
+    model_config = SettingsConfigDict(env_prefix="BITDANCE_", extra="forbid", validate_default=True)
+
+    # --- model and workers -------------------------------------------------------------------
+    model: str | None = Field(
+        None, description="Checkpoint directory (official BitDance layout). Default: the embedded demo model."
+    )
+    devices: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["auto"],
+        description="One model worker per entry: 'cpu', 'cuda', 'cuda:N', comma-separated "
+        "(e.g. 'cuda:0,cuda:1' or 'cpu,cpu'); 'auto' = every GPU listed by `nvidia-smi -L`, else cpu.",
+    )
+    worker_target: str = Field(
+        "bitdance_core.engine.worker:worker_main",
+        description="Import path 'module:function' of the worker main, called as fn(WorkerConfig, inbox, "
+        "outbox) in a spawned process (tests point it at a fake worker).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Compute dtype; default: the device policy (float32 on CPU, bfloat16 on CUDA)."
+    )
+    attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
+        "auto", description="Attention kernels in the worker."
+    )
+    kv_budget_bytes: int | None = Field(
+        None, ge=1, description="KV-cache budget per worker in bytes; default: derived from free memory."
+    )
+    max_batch_requests: int = Field(16, ge=1, description="Most requests batched in one engine step.")
+    max_queue: int = Field(
+        64,
+        ge=0,
+        description="Requests allowed to wait per worker beyond the running batch; more in flight -> 429.",
+    )
+    preview_every: int | None = Field(
+        None,
+        ge=0,
+        description="Default AR steps between streamed previews (0 = none); default: about 8 per image.",
+    )
+    sizes: Annotated[list[str], NoDecode] | None = Field(
+        None,
+        description="Allowed sizes as 'WxH', comma-separated; default: the checkpoint's size policy.",
+    )
+    warmup: bool = Field(True, description="Warm the worker up (compile / first step) before it is ready.")
+    threads: int | None = Field(
+        None, ge=1, description="Torch threads per CPU worker; default: CPU cores / number of CPU workers."
+    )
+    worker_ready_timeout_s: float = Field(
+        900.0, gt=0, description="A worker not ready after this long is killed and restarted."
+    )
+    restart_backoff_s: float = Field(
+        1.0, ge=0, description="First delay before restarting a dead worker (doubles while it keeps failing)."
+    )
+
+    # --- HTTP ----------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 to listen on all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, every API route needs 'Authorization: Bearer <key>' (/healthz, /readyz, "
+        "/metrics and the web page stay open).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Allowed CORS origins, comma-separated ('*' for any); empty = CORS off."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted (else 413).")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Per-request deadline; past it the request is cancelled (504 / error event)."
+    )
+    drain_grace_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long in-flight requests may run on before being cancelled."
+    )
+    stream_heartbeat_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
+    access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log).")
+
+    @field_validator("devices", "cors_origins", "sizes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one device is needed")
+        for dev in value:
+            if not _DEVICE_RE.match(dev):
+                raise ValueError(f"unknown device {dev!r}: use cpu, cuda, cuda:N or auto")
+        if "auto" in value and len(value) > 1:
+            raise ValueError("'auto' cannot be combined with other devices")
+        return value
+
+    @field_validator("sizes")
+    @classmethod
+    def _check_sizes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for size in value:
+            if not _SIZE_RE.match(size):
+                raise ValueError(f"size {size!r} is not 'WxH' (e.g. 1024x768)")
+        return value
+
+    # --- derived -------------------------------------------------------------------------------
+    def resolved_devices(self) -> list[str]:
+        """The device list with 'auto' expanded (``nvidia-smi -L``, else one cpu worker)."""
+        if self.devices != ["auto"]:
+            return list(self.devices)
+        gpus = _list_gpus()
+        return [f"cuda:{i}" for i in range(gpus)] if gpus else ["cpu"]
+
+    def resolved_model_dir(self) -> str:
+        if self.model:
+            return os.path.abspath(self.model)
+        from bitdance_core import default_model_dir  # torch-free by contract
+
+        return default_model_dir()
+
+    def sizes_hw(self) -> tuple[tuple[int, int], ...] | None:
+        if self.sizes is None:
+            return None
+        out = []
+        for size in self.sizes:
+            w, h = (int(v) for v in size.split("x"))
+            out.append((h, w))
+        return tuple(out)
+
+    def worker_configs(self) -> list[WorkerConfig]:
+        devices = self.resolved_devices()
+        n_cpu = sum(1 for d in devices if d == "cpu")
+        threads = self.threads or (max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else None)
+        return [
+            WorkerConfig(
+                model_dir=self.resolved_model_dir(),
+                device=dev,
+                dtype=self.dtype,
+                attention_backend=self.attention_backend,
+                max_batch_requests=self.max_batch_requests,
+                max_waiting=self.max_queue,
+                kv_budget_bytes=self.kv_budget_bytes,
+                preview_every=self.preview_every,
+                sizes=self.sizes_hw(),
+                warmup=self.warmup,
+                worker_index=i,
+                threads=threads if dev == "cpu" else None,
+            )
+            for i, dev in enumerate(devices)
+        ]
+
+
+def _list_gpus() -> int:
+    """Number of GPUs ``nvidia-smi -L`` lists (0 without the tool or on any failure)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("nvidia-smi -L failed (%s); using cpu", exc)
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))

@@ -1,0 +1,124 @@
+"""Server-sent events framing and the two ways a route waits on a request.
+
+Frames are ``event: <name>\\ndata: <one-line JSON>\\n\\n``; a ``: ping`` comment goes out after
+``heartbeat_s`` of silence so proxies keep the connection. A stream always ends with exactly one
+terminal frame (``completed`` or ``error``, or the OpenAI equivalents) because the mailbox hands
+out the terminal event last and exactly once. If the client goes away first (the ASGI server
+cancels the streaming task, or the disconnect watcher fires for plain responses), the request is
+cancelled in the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from bitdance_core.engine.protocol import ErrorCode
+from server.mailbox import RequestState
+from server.worker_pool import WorkerPool
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+FIRST_EVENT_WAIT_S = 5.0  # how long a stream waits for the worker's verdict before sending headers
+
+Event = tuple[str, dict[str, Any]]
+Renderer = Callable[[Event], Iterable[bytes]]
+
+
+def frame(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+class ClientGone(Exception):
+    """The client disconnected while a plain (non-streaming) response was pending."""
+
+
+async def first_event(st: RequestState, timeout: float = FIRST_EVENT_WAIT_S) -> Event | None:
+    """The worker's first event (``queued`` or an early ``failed``), so a stream can still answer
+    422 / 429 before committing to 200. None if it takes longer; the stream then starts anyway."""
+    return await st.get(timeout=timeout)
+
+
+async def event_stream(
+    st: RequestState, pool: WorkerPool, render: Renderer, heartbeat_s: float, first: Event | None = None
+) -> AsyncIterator[bytes]:
+    try:
+        if first is not None:
+            for chunk in render(first):
+                yield chunk
+        while not st.exhausted:
+            item = await st.get(timeout=heartbeat_s)
+            if item is None:
+                if not st.exhausted:
+                    yield b": ping\n\n"
+                continue
+            for chunk in render(item):
+                yield chunk
+    finally:  # client gone (or the server cancelled us): free the rows now
+        _cancel_if_open(st, pool)
+
+
+def sse_response(
+    st: RequestState,
+    pool: WorkerPool,
+    render: Renderer,
+    heartbeat_s: float,
+    first: Event | None,
+    headers: dict[str, str],
+) -> StreamingResponse:
+    return _SSEResponse(
+        event_stream(st, pool, render, heartbeat_s, first),
+        on_close=lambda: _cancel_if_open(st, pool),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )
+
+
+def _cancel_if_open(st: RequestState, pool: WorkerPool) -> None:
+    if not st.finished:
+        pool.cancel(st, ErrorCode.CANCELLED.value, "client disconnected")
+
+
+class _SSEResponse(StreamingResponse):
+    """Also cancels when the client leaves before the body iterator ever ran (its ``finally``
+    would then never run)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kw: Any) -> None:
+        super().__init__(content, **kw)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def wait_result(request: Request, st: RequestState, pool: WorkerPool) -> Event:
+    """The terminal event of ``st``; cancels it in the worker if the client disconnects first."""
+    result = asyncio.ensure_future(st.result())
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        pool.cancel(st, ErrorCode.CANCELLED.value, "request handler cancelled")
+        raise
+    finally:
+        for task in (result, gone):
+            if not task.done():
+                task.cancel()
+    if result in done:
+        return result.result()
+    pool.cancel(st, ErrorCode.CANCELLED.value, "client disconnected")
+    raise ClientGone

@@ -1,0 +1,174 @@
+"""Server pieces without a running server: settings/CLI, mailbox coalescing, SSE framing, params,
+and the rule that the API process never imports torch."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from server_harness import REPO, iter_sse
+
+from bitdance_core.engine.protocol import GenerationRequest
+from server import cli
+from server import settings as settings_mod
+from server.errors import APIError
+from server.mailbox import RequestState
+from server.params import build_request, preview_every_for
+from server.routes.generate import negotiate
+from server.settings import Settings
+from server.sse import frame
+
+INFO = {
+    "model": "m",
+    "sizes": [[64, 64], [64, 128]],
+    "default_size": [64, 64],
+    "downsample": 16,
+    "parallel_num": 4,
+    "defaults": {"steps": 4, "guidance_scale": 4.0, "num_images": 1},
+    "limits": {"steps": [1, 8], "guidance_scale": [1.0, 9.0], "num_images": [1, 2], "max_prompt_chars": 20},
+}
+
+
+def test_api_process_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "from server.settings import Settings\n"
+        "from server.app import create_app\n"
+        "import server.cli, server.worker_pool, server.worker_entry, server.routes.openai\n"
+        "app = create_app(Settings(devices=['cpu', 'cpu'], model='/nonexistent'))\n"
+        "banned = ('torch', 'transformers', 'numpy', 'safetensors')\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in banned)\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_settings_env_flags_and_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BITDANCE_DEVICES", "cpu,cpu")
+    monkeypatch.setenv("BITDANCE_MAX_QUEUE", "7")
+    monkeypatch.setenv("BITDANCE_CORS_ORIGINS", "http://a.test, http://b.test")
+    monkeypatch.setenv("BITDANCE_API_KEY", "sekrit")
+    s = cli.parse_settings(["--max-queue", "9", "--no-warmup", "--sizes", "64x64,128x64"])
+    assert s.devices == ["cpu", "cpu"] and s.max_queue == 9 and s.warmup is False
+    assert s.cors_origins == ["http://a.test", "http://b.test"]
+    assert s.api_key is not None and s.api_key.get_secret_value() == "sekrit" and "sekrit" not in repr(s)
+    configs = s.worker_configs()
+    assert [c.worker_index for c in configs] == [0, 1] and configs[0].max_waiting == 9
+    assert configs[0].sizes == ((64, 64), (64, 128)) and configs[0].warmup is False
+
+
+def test_every_setting_is_a_documented_flag() -> None:
+    help_text = cli.build_parser().format_help()
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+        assert "--" + name.replace("_", "-") in help_text, name
+
+
+def test_bad_settings_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.serve_main(["--devices", "tpu"]) == 2
+    assert "devices" in capsys.readouterr().err
+    assert cli.serve_main(["--max-queue", "-1"]) == 2
+
+
+def test_auto_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_mod.shutil, "which", lambda name: None)
+    assert Settings().resolved_devices() == ["cpu"]
+    monkeypatch.setattr(settings_mod, "_list_gpus", lambda: 2)
+    assert Settings(devices="auto").resolved_devices() == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError):
+        Settings(devices="auto,cpu")
+
+
+def _state() -> RequestState:
+    return RequestState(GenerationRequest("r", "p", 64, 64, 0), 0)
+
+
+def test_mailbox_coalesces_previews_and_keeps_the_terminal() -> None:
+    async def run() -> None:
+        st = _state()
+        st.push("queued", {"position": 3})
+        for step in range(1, 50):
+            st.push("progress", {"step": step})
+            st.push("preview", {"step": step})
+        st.push("completed", {"ok": True})
+        st.push("preview", {"step": 99})  # after the end: ignored
+        got = []
+        while (item := await st.get(timeout=0.1)) is not None:
+            got.append(item)
+        assert got == [("queued", {"position": 3}), ("progress", {"step": 49}), ("preview", {"step": 49}),
+                       ("completed", {"ok": True})]  # fmt: skip
+        assert st.exhausted and st.status == "completed"
+
+    asyncio.run(run())
+
+
+def test_mailbox_wakes_a_waiting_consumer() -> None:
+    async def run() -> None:
+        st = _state()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, st.push, "failed", {"code": "worker_died", "message": "x"})
+        assert await st.result() == ("failed", {"code": "worker_died", "message": "x"})
+        assert st.status == "worker_died"
+
+    asyncio.run(run())
+
+
+def test_sse_frame_roundtrip() -> None:
+    raw = frame("preview", {"step": 1, "b64_json": "QQ=="}) + b": ping\n\n" + frame("completed", {"seed": 1})
+    events = list(iter_sse(iter(raw.decode().split("\n"))))
+    assert events == [("preview", {"step": 1, "b64_json": "QQ=="}), ("completed", {"seed": 1})]
+
+
+def test_accept_negotiation() -> None:
+    assert negotiate(None) == "json"
+    assert negotiate("*/*") == "json"
+    assert negotiate("text/event-stream") == "sse"
+    assert negotiate("image/webp;q=0.9, */*") == "webp"
+    assert negotiate("application/json, image/png") == "json"
+
+
+def _build(**kw: object) -> GenerationRequest:
+    args = dict(prompt="a", negative_prompt=None, width=None, height=None, size_field="size", num_images=None,
+                num_images_field="num_images", steps=None, guidance_scale=None, seed=None, output_format=None,
+                preview_every=None)  # fmt: skip
+    args.update(kw)
+    return build_request(INFO, **args)  # type: ignore[arg-type]
+
+
+def test_params_defaults_and_random_seed() -> None:
+    req = _build()
+    assert (req.height, req.width, req.steps, req.guidance_scale, req.num_images) == (64, 64, 4, 4.0, 1)
+    assert 0 <= req.seed < 2**31 and req.output_format == "png"
+    assert _build(width=128, height=64, seed=5).seed == 5
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"steps": 9}, "steps"),
+        ({"steps": 0}, "steps"),
+        ({"guidance_scale": 9.5}, "guidance_scale"),
+        ({"num_images": 3}, "num_images"),
+        ({"width": 128, "height": 128}, "size"),
+        ({"width": 64}, "height"),
+        ({"prompt": "x" * 21}, "prompt"),
+        ({"negative_prompt": "x" * 21}, "negative_prompt"),
+        ({"prompt": "   "}, "prompt"),
+    ],
+)
+def test_params_out_of_range_is_422_never_clamped(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(APIError) as exc:
+        _build(**kw)
+    assert exc.value.status == 422 and exc.value.field == field
+
+
+def test_partial_images_cadence() -> None:
+    assert preview_every_for(INFO, 64, 64, 0) == 0
+    assert preview_every_for(INFO, 64, 64, 3) == 1  # T = 4
+    info = {**INFO}
+    t = (1024 // 16) ** 2 // 4  # 1024 AR steps
+    every = preview_every_for(info, 1024, 1024, 3)
+    assert (t - 1) // every >= 3 and every == t // 4
