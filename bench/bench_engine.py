@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs per N; medians are printed")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,19 +70,26 @@ def main() -> None:
           f"{args.guidance}  threads {torch.get_num_threads()}  preview every {every} ({engine.previews.method})")
     run_engine(engine, requests(2, h, w, args.steps, args.guidance, "warm", 0))  # warm-up
     pipe("warm", h, w, steps=args.steps, guidance_scale=args.guidance, seed=0)
-    print(f"{'N':>3} {'pipeline img/s':>15} {'engine img/s':>13} {'ratio':>6} {'first preview s':>16} {'engine steps':>12}")
+    header = ("N", "pipeline img/s", "engine img/s", "ratio", "first preview s", "engine steps")
+    print(" ".join(f"{x:>{w}}" for x, w in zip(header, (3, 15, 13, 6, 16, 12))))
     split_total: dict[str, float] = {}
     for n in (int(x) for x in args.concurrency.split(",")):
-        reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-", None)
-        t0 = time.perf_counter()
-        for r in reqs:
-            pipe(r.prompt, h, w, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed)
-        seq = time.perf_counter() - t0
-        eng, first, phases, steps = run_engine(engine, reqs)
-        for k, v in phases.items():
-            split_total[k] = split_total.get(k, 0.0) + v
-        fp = statistics.median(first) if first else float("nan")
-        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {seq / eng:>6.2f} {fp:>16.3f} {steps:>12}")
+        seqs, engs, firsts, steps = [], [], [], 0
+        for rep in range(args.repeats):  # alternate the two paths so machine noise hits both alike
+            reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-{rep}-", None)
+            t0 = time.perf_counter()
+            for r in reqs:
+                pipe(r.prompt, h, w, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed)
+            seqs.append(time.perf_counter() - t0)
+            eng, first, phases, steps = run_engine(engine, reqs)
+            engs.append(eng)
+            firsts += first
+            for k, v in phases.items():
+                split_total[k] = split_total.get(k, 0.0) + v
+        seq, eng = statistics.median(seqs), statistics.median(engs)
+        ratio = statistics.median(s / e for s, e in zip(seqs, engs))
+        fp = statistics.median(firsts) if firsts else float("nan")
+        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {ratio:>6.2f} {fp:>16.3f} {steps:>12}")
     total = sum(split_total.values()) or 1.0
     print("engine step split: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in split_total.items()))
 

@@ -30,7 +30,7 @@ from .models.kv_cache import KVCache
 from .models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from .prompts import PromptEncoder
 from .resolutions import POS_TABLE_ROWS, SizePolicy, policy_for
-from .sampling import binarize, euler_maruyama
+from .sampling import binarize, euler_maruyama, schedule
 from .weights import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -111,12 +111,13 @@ class BitDancePipeline:
         # 3) the AR loop
         pe = self.position_table(h, w)  # (N, D) float32
         guidance = [guidance_scale] * B
+        t_emb = m.head.time_table(schedule(steps, cfg.time_shift, str(self.device)).t_values)  # (S + 1, Dh)
         tokens = []
         for s in range(T):
             pe_s = pe[s * P : (s + 1) * P]
             cond = m.head.condition((hid.float() + pe_s).to(m.head.dtype))
             x = euler_maruyama(
-                predict=lambda x_rows, t_rows, cond=cond: m.head.predict(x_rows, t_rows, cond),
+                predict=lambda x_rows, t_rows, i, cond=cond: m.head.predict(x_rows, t_rows, cond, t_emb[i]),
                 noise=lambda: torch.randn((B, P, cfg.z_channels), generator=gen, device=self.device),
                 guidance=guidance, steps=steps, time_shift=cfg.time_shift, device=self.device,
             )

@@ -16,11 +16,31 @@ The caller draws each request's part from that request's own ``torch.Generator``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 LAST_STEP = 0.05
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The time grid of one step count, with every per-step scalar precomputed (0-d float32 tensors,
+    the same values the reference computes inside its loop)."""
+
+    t: tuple[torch.Tensor, ...]  # time of evaluation i = 0..S (the last is the final 0.95 step)
+    dt: tuple[torch.Tensor, ...]
+    one_minus_t: tuple[torch.Tensor, ...]
+    var: tuple[torch.Tensor, ...]  # (1 - t)^2 + t (1 - t): variance of the linear path
+    noise_scale: tuple[torch.Tensor, ...]  # sqrt(2 (1 - t) dt)
+    denom: tuple[torch.Tensor, ...]  # max(1 - t, 0.05), the x-prediction -> velocity divisor
+
+    @property
+    def t_values(self) -> torch.Tensor:
+        """(S + 1,) float32: feed to the head's time embedding once per step count."""
+        return torch.stack(self.t)
 
 
 def time_increments(steps: int, time_shift: float = 1.0, device=None) -> torch.Tensor:
@@ -30,60 +50,82 @@ def time_increments(steps: int, time_shift: float = 1.0, device=None) -> torch.T
     return t[1:] - t[:-1]
 
 
-def _guided_velocity(v: torch.Tensor, n: int, cfg_idx: torch.Tensor | None, g: torch.Tensor | None) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def schedule(steps: int, time_shift: float, device: str) -> Schedule:
+    dts = time_increments(steps, time_shift, device=device)
+    t = torch.tensor(0.0, device=device, dtype=torch.float32)
+    ts, dt, omt, var, ns, den = [], [], [], [], [], []
+    for i in range(steps):
+        sigma = 1 - t
+        ts.append(t.clone()), dt.append(dts[i]), omt.append(sigma)
+        var.append(sigma**2 - t * -1 * sigma)
+        ns.append((2.0 * (1.0 - t) * dts[i]) ** 0.5)
+        den.append(sigma.clamp_min(LAST_STEP))
+        t = t + dts[i]
+    final = torch.tensor(1 - LAST_STEP, device=device, dtype=torch.float32)
+    ts.append(final)
+    den.append((1 - final).clamp_min(LAST_STEP))
+    return Schedule(tuple(ts), tuple(dt), tuple(omt), tuple(var), tuple(ns), tuple(den))
+
+
+def _guided_velocity(v: torch.Tensor, n: int, cfg_idx, g: torch.Tensor | None, all_cfg: bool) -> torch.Tensor:
     v_c = v[:n]
-    if cfg_idx is None:
+    if g is None:
         return v_c
     v_u = v[n:]
+    if all_cfg:
+        return v_u + g * (v_c - v_u)
     guided = v_u + g * (v_c[cfg_idx] - v_u)
-    if cfg_idx.numel() == n:
-        return guided
     out = v_c.clone()
     out[cfg_idx] = guided
     return out
 
 
 def euler_maruyama(
-    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    predict: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     noise: Callable[[], torch.Tensor],
     guidance: list[float],
     steps: int,
     time_shift: float = 1.0,
     device=None,
 ) -> torch.Tensor:
-    """Sample one block for ``len(guidance)`` samples; returns the float32 state ``(n, P, C)``."""
+    """Sample one block for ``len(guidance)`` samples; returns the float32 state ``(n, P, C)``.
+
+    ``predict(x_rows, t_rows, i)`` gets the evaluation index ``i`` (0..steps) too, so a caller can
+    look the time embedding up in a table built once per step count.
+    """
     n = len(guidance)
     cfg = [i for i, g in enumerate(guidance) if g > 1.0]
     x = noise().to(device=device, dtype=torch.float32)
     device = x.device
+    all_cfg = len(cfg) == n
     cfg_idx = g = None
     if cfg:
-        cfg_idx = _to_device(torch.tensor(cfg), device)
-        g = _to_device(torch.tensor([guidance[i] for i in cfg], dtype=torch.float32), device)[:, None, None]
+        if all_cfg and len(set(guidance)) == 1:
+            g = torch.tensor(guidance[0], dtype=torch.float32)
+            g = g.to(device)
+        else:
+            g = _to_device(torch.tensor([guidance[i] for i in cfg], dtype=torch.float32), device)[:, None, None]
+        cfg_idx = None if all_cfg else _to_device(torch.tensor(cfg), device)
     rows = n + len(cfg)
-    dt = time_increments(steps, time_shift, device=device)
-    t = torch.tensor(0.0, device=device, dtype=torch.float32)
-    t_rows = torch.zeros(rows, device=device, dtype=torch.float32)
+    sch = schedule(steps, float(time_shift), str(device))
 
-    def velocity(x: torch.Tensor) -> torch.Tensor:
-        x_rows = torch.cat([x, x[cfg_idx]]) if cfg_idx is not None else x
-        out = predict(x_rows, t_rows).float()
-        v = (out - x_rows) / (1 - t_rows.view(-1, 1, 1)).clamp_min(LAST_STEP)
-        return _guided_velocity(v, n, cfg_idx, g)
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        if all_cfg:
+            x_rows = torch.cat([x, x])
+        else:
+            x_rows = torch.cat([x, x[cfg_idx]]) if cfg_idx is not None else x
+        out = predict(x_rows, sch.t[i].expand(rows), i).float()
+        v = (out - x_rows) / sch.denom[i]
+        return _guided_velocity(v, n, cfg_idx, g, all_cfg)
 
     for i in range(steps):
-        t_rows[:] = t
-        v = velocity(x)
+        v = velocity(x, i)
         # score of the linear path (alpha_t = t, sigma_t = 1 - t), then the SDE drift
-        sigma = 1 - t
-        var = sigma**2 - t * -1 * sigma
-        score = (t * v - x) / var
-        drift = v + (1 - t) * score
-        noise_scale = (2.0 * (1.0 - t) * dt[i]) ** 0.5
-        x = x + drift * dt[i] + noise_scale * noise().to(device=device, dtype=torch.float32)
-        t += dt[i]
-    t_rows[:] = 1 - LAST_STEP
-    return x + velocity(x) * LAST_STEP
+        score = (sch.t[i] * v - x) / sch.var[i]
+        drift = v + sch.one_minus_t[i] * score
+        x = x + drift * sch.dt[i] + sch.noise_scale[i] * noise().to(device=device, dtype=torch.float32)
+    return x + velocity(x, steps) * LAST_STEP
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:

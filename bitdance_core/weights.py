@@ -92,18 +92,21 @@ def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement,
     by_file: dict[Path, list[str]] = {}
     for k in expected:
         by_file.setdefault(sources[k], []).append(k)
-    state: dict[str, torch.Tensor] = {}
-    for path, keys in by_file.items():
+    for path, keys in by_file.items():  # every shape first: a mismatch fails before anything is read
         with safe_open(str(path), "pt", device="cpu") as f:
             for k in keys:
-                sl = f.get_slice(k)
-                shape = tuple(sl.get_shape())
-                want = tuple(expected[k].shape)
+                shape, want = tuple(f.get_slice(k).get_shape()), tuple(expected[k].shape)
                 if shape != want:
                     raise CheckpointError(f"{path.name}: key {k} has shape {shape}, expected {want}")
+    state: dict[str, torch.Tensor] = {}
+    for path, keys in by_file.items():
+        for k in keys:
+            # NOTE: one short-lived mapping per tensor, so the file's pages do not stay resident next to
+            # the converted copies (peak RSS ~ weights kept, not kept + file).
+            with safe_open(str(path), "pt", device="cpu") as f:
                 t = f.get_tensor(k)
-                state[k[len(prefix):]] = t.to(device=placement.device, dtype=placement.dtype)
-                del t
+            state[k[len(prefix):]] = t.to(device=placement.device, dtype=placement.dtype)
+            del t
     module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -120,6 +123,9 @@ def build_modules(config: ModelConfig, *, with_encoder: bool = False, device: st
 def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
+    if not (Path(model_dir) / "tokenizer.json").is_file():
+        raise CheckpointError(f"missing file tokenizer.json in checkpoint directory {model_dir} "
+                              "(a fast tokenizer is required)")
     try:
         tok = AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises several types for a broken tokenizer dir

@@ -63,8 +63,9 @@ class AsyncEngine:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            cmds: list = []
             try:
-                cmds = [self._commands.get(timeout=0.1) if not self.engine.has_work() else self._commands.get_nowait()]
+                cmds.append(self._commands.get(timeout=0.1) if not self.engine.has_work() else self._commands.get_nowait())
                 while True:
                     cmds.append(self._commands.get_nowait())
             except queue.Empty:

@@ -28,7 +28,7 @@ from ..models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from ..pipeline import to_uint8
 from ..prompts import PromptEncoder
 from ..resolutions import POS_TABLE_ROWS, SizeError
-from ..sampling import binarize, euler_maruyama
+from ..sampling import binarize, euler_maruyama, schedule
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
 from .previews import PreviewRenderer, default_preview_every
@@ -72,6 +72,7 @@ class Engine:
         self.sizes = self.serving.size_policy(cfg)
         self._pos_1d = sincos_1d(cfg.llm.hidden_size // 2, POS_TABLE_ROWS).to(self.device)
         self._pe: dict[tuple[int, int], torch.Tensor] = {}
+        self._t_emb: dict[int, torch.Tensor] = {}
         self._uncond_prefix: OrderedDict = OrderedDict()
         self.previews = PreviewRenderer(self.model.ae, cfg.patch_side, self.C, cfg.downsample,
                                         self.config.preview_method)
@@ -216,6 +217,13 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _time_table(self, steps: int) -> torch.Tensor:
+        """Head time embeddings of every sampler evaluation for a step count (the same at every AR step)."""
+        if steps not in self._t_emb:
+            sch = schedule(steps, self.model.config.time_shift, str(self.device))
+            self._t_emb[steps] = self.model.head.time_table(sch.t_values)
+        return self._t_emb[steps]
+
     def _pos(self, h: int, w: int) -> torch.Tensor:
         key = (h, w)
         if key not in self._pe:
@@ -292,8 +300,11 @@ class Engine:
                 return torch.cat([torch.randn((st.num_images, P, self.C), generator=st.generator, device=self.device)
                                   for st in reqs])
 
-            x = euler_maruyama(lambda xr, tr, cond=cond: m.head.predict(xr, tr, cond), noise, guidance, steps,
-                               m.config.time_shift, device=self.device)
+            t_emb = self._time_table(steps)
+            def predict(xr, tr, i, cond=cond, te=t_emb):
+                return m.head.predict(xr, tr, cond, te[i])
+
+            x = euler_maruyama(predict, noise, guidance, steps, m.config.time_shift, device=self.device)
             for st, bits in zip(reqs, binarize(x).split([st.num_images for st in reqs])):
                 bits_of[st.id] = bits
         t1 = self._tick()

@@ -160,11 +160,17 @@ class DiffusionHead(nn.Module):
         """(R, P, ch_cond) condition -> (R, P, Dh) ``cond_embed(c)``; reuse it for every sampler step."""
         return self.net.cond_embed(c.to(self.dtype))
 
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+    def time_table(self, t: torch.Tensor) -> torch.Tensor:
+        """(K,) times -> (K, Dh) time embeddings; the sampler's times repeat every AR step, so build once."""
+        return self.net.time_embed(t)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
+                t_emb: torch.Tensor | None = None) -> torch.Tensor:
         """x (R, P, C), t (R,), cond_emb from ``condition`` -> float32 x-prediction (R, P, C) in (-1, 1)."""
         net = self.net
         h = net.input_proj(x.to(self.dtype))
-        y = F.silu(net.time_embed(t)[:, None, :] + cond_emb)
+        te = net.time_embed(t)[:, None, :] if t_emb is None else t_emb.view(-1, 1, t_emb.shape[-1])
+        y = F.silu(te + cond_emb)
         mod: tuple[torch.Tensor, ...] = ()
         for i, block in enumerate(net.res_blocks):
             if i % self.k_sw == 0:

@@ -1,0 +1,199 @@
+"""The ``bitdance`` command.
+
+    bitdance generate --prompt TEXT [--model DIR] [--height H --width W] [--steps S] [--guidance G]
+                      [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T] --output OUT.png
+    bitdance make-checkpoint --preset NAME --output DIR [--seed N]
+    bitdance serve ...       (the HTTP server; ``server.cli``)
+    bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
+    bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
+
+``generate`` writes K PNG files (OUT.png when K = 1, else OUT-0.png, OUT-1.png, ...), each with a ``parameters``
+text chunk (JSON: prompt, negative prompt, seed, steps, guidance, size, model, index), shows a progress bar on
+stderr and prints the seed it used on stdout (a random one when --seed is absent). Default size, steps and
+guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``): 1024x1024, 50 steps, 7.5
+for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides them. Heavy imports (torch, the
+server) happen inside the subcommands, so ``bitdance --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import secrets
+import sys
+from pathlib import Path
+
+DELEGATES = {
+    "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),
+    "train-demo": ("bitdance_core.demo.train", "main", "train the embedded demo model"),
+    "eval-demo": ("bitdance_core.demo.evaluate", "main", "evaluate a demo checkpoint"),
+}
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def output_paths(output: str | Path, n: int) -> list[Path]:
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several."""
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bitdance", description="BitDance text-to-image: generate, serve, tools.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate images from a prompt into PNG files")
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None, help="text for the unconditional stream (default: none)")
+    g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
+                                                            "1024x1024 for the released models)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None, help="diffusion steps per AR step (default: 50, or the "
+                                                           "checkpoint's serving_config.json)")
+    g.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables guidance (default: 7.5, "
+                                                                "or the checkpoint's serving_config.json)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--output", required=True, help="OUT.png (several images: OUT-0.png, OUT-1.png, ...)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                 "bfloat16 on CUDA)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
+    m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x")
+    m.add_argument("--output", required=True, help="directory to write")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
+                                                 "others float32, as released)")
+    m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
+
+    for name, (_, _, help_text) in DELEGATES.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return ap
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import CheckpointError
+    from .pipeline import BitDancePipeline
+    from .resolutions import SizeError
+    from .serving_config import ServingConfig
+
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None:
+        from . import default_model_dir
+
+        model_dir = Path(default_model_dir())
+        if not (model_dir / "config.json").is_file():
+            raise CLIError(f"no embedded demo model at {model_dir} (not built yet); pass --model DIR, or write a "
+                           "random one with `bitdance make-checkpoint --preset tiny --output DIR`")
+    if args.num_images < 1:
+        raise CLIError("--num-images must be at least 1")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError("--steps must be at least 1")
+    try:
+        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+        serving = ServingConfig.for_model(pipe.config)  # the same defaults and sizes as the server
+    except (CheckpointError, ValueError, RuntimeError) as e:  # a broken checkpoint, a bad --device / --dtype
+        raise CLIError(f"cannot load {model_dir}: {e}") from e
+    dh, dw = serving.default_size
+    height = args.height if args.height is not None else (args.width if args.width is not None else dh)
+    width = args.width if args.width is not None else (args.height if args.height is not None else dw)
+    steps = args.steps if args.steps is not None else serving.default_steps
+    guidance = args.guidance if args.guidance is not None else serving.default_guidance
+    try:
+        serving.size_policy(pipe.config).check(height, width)
+    except SizeError as e:
+        raise CLIError(str(e)) from e
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    print(f"seed: {seed}", flush=True)
+
+    bar = None if args.no_progress else tqdm(desc="generating", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(step: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+    try:
+        out = pipe(args.prompt, height, width, steps=steps, guidance_scale=guidance, seed=seed,
+                   num_images=args.num_images, negative_prompt=args.negative_prompt, callback=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from PIL.PngImagePlugin import PngInfo
+
+    paths = output_paths(args.output, args.num_images)
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for i, (img, path) in enumerate(zip(out.images, paths)):
+        params = {
+            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": out.seed, "steps": steps,
+            "guidance": guidance, "width": width, "height": height, "size": f"{width}x{height}",
+            "model": pipe.config.name, "model_dir": str(Path(model_dir).resolve()), "index": i,
+            "num_images": args.num_images,
+        }
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(params))
+        img.save(path, pnginfo=info)
+        print(f"saved: {path}", flush=True)
+    return 0
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoints import PRESETS, write_checkpoint
+
+    if args.preset not in PRESETS:
+        raise CLIError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    if args.preset.startswith("14b"):
+        print(f"note: preset {args.preset} writes about 37 GB; build_random_model() builds it on a device instead",
+              file=sys.stderr)
+    out = write_checkpoint(args.preset, args.output, seed=args.seed, dtype=args.dtype,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _delegate(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module, func, _ = DELEGATES[name]
+    try:
+        fn = getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise CLIError(f"`bitdance {name}` is not available: {e}") from e
+    return int(fn(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+        if first is not None and argv[first] in DELEGATES:  # the delegate parses its own flags
+            return _delegate(argv[first], argv[first + 1 :])
+        args = _build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "make-checkpoint":
+            return _make_checkpoint(args)
+        raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover (argparse rejects it first)
+    except CLIError as e:
+        print(f"bitdance: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
