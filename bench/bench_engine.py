@@ -1,5 +1,9 @@
 """Engine throughput vs the single-request pipeline, side by side in one run.
 
+Throughput is measured without previews on both sides (the pipeline renders none, and the server asks for
+none on non-streaming requests); time to first preview comes from a second engine run of the same requests
+with the default preview cadence.
+
     python bench/bench_engine.py                      # the golden tiny checkpoint, CPU
     python bench/bench_engine.py --model DIR --size 64x64 --steps 20 --guidance 4
 
@@ -52,7 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(FIXTURE))
     ap.add_argument("--size", default="128x128", help="WxH")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--concurrency", default="1,2,4,8")
     ap.add_argument("--threads", type=int, default=None)
@@ -65,31 +69,37 @@ def main() -> None:
     engine = Engine(pipe.model, EngineConfig(max_batch_requests=16))
     T = engine.sizes.ar_steps(h, w)
     every = engine.preview_every_for(h, w)
-    engine.previews.choose_method(0.01, T, every, *engine.sizes.grid(h, w))
+    engine.warmup()  # measures a step and picks the preview method as the server does
     print(f"model {pipe.config.name}  size {w}x{h}  AR steps {T}  diffusion steps {args.steps}  guidance "
           f"{args.guidance}  threads {torch.get_num_threads()}  preview every {every} ({engine.previews.method})")
     run_engine(engine, requests(2, h, w, args.steps, args.guidance, "warm", 0))  # warm-up
     pipe("warm", h, w, steps=args.steps, guidance_scale=args.guidance, seed=0)
-    header = ("N", "pipeline img/s", "engine img/s", "ratio", "first preview s", "engine steps")
-    print(" ".join(f"{x:>{w}}" for x, w in zip(header, (3, 15, 13, 6, 16, 12))))
+    header = ("N", "pipeline img/s", "engine img/s", "ratio", "first preview s", "preview overhead", "engine steps")
+    print(" ".join(f"{x:>{w}}" for x, w in zip(header, (3, 15, 13, 6, 16, 18, 12))))
     split_total: dict[str, float] = {}
     for n in (int(x) for x in args.concurrency.split(",")):
-        seqs, engs, firsts, steps = [], [], [], 0
+        seqs, engs, firsts, overheads, steps = [], [], [], [], 0
         for rep in range(args.repeats):  # alternate the two paths so machine noise hits both alike
-            reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-{rep}-", None)
+            reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-{rep}-", 0)
             t0 = time.perf_counter()
             for r in reqs:
                 pipe(r.prompt, h, w, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed)
             seqs.append(time.perf_counter() - t0)
-            eng, first, phases, steps = run_engine(engine, reqs)
+            eng, _, phases, steps = run_engine(engine, reqs)
             engs.append(eng)
+            # the same requests again, streaming previews at the default cadence (not in the img/s figures)
+            with_previews, first, pphases, _ = run_engine(engine, requests(n, h, w, args.steps, args.guidance,
+                                                                            f"p{n}-{rep}-", None))
             firsts += first
+            # what previews add, timed inside the same steps (a difference of two runs is mostly noise here)
+            overheads.append(pphases["preview"] / max(1e-9, with_previews - pphases["preview"]))
             for k, v in phases.items():
                 split_total[k] = split_total.get(k, 0.0) + v
         seq, eng = statistics.median(seqs), statistics.median(engs)
         ratio = statistics.median(s / e for s, e in zip(seqs, engs))
         fp = statistics.median(firsts) if firsts else float("nan")
-        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {ratio:>6.2f} {fp:>16.3f} {steps:>12}")
+        ov = 100 * statistics.median(overheads)
+        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {ratio:>6.2f} {fp:>16.3f} {ov:>17.1f}% {steps:>12}")
     total = sum(split_total.values()) or 1.0
     print("engine step split: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in split_total.items()))
 

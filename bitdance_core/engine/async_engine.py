@@ -65,7 +65,8 @@ class AsyncEngine:
         while not self._stop.is_set():
             cmds: list = []
             try:
-                cmds.append(self._commands.get(timeout=0.1) if not self.engine.has_work() else self._commands.get_nowait())
+                idle = not self.engine.has_work()
+                cmds.append(self._commands.get(timeout=0.1) if idle else self._commands.get_nowait())
                 while True:
                     cmds.append(self._commands.get_nowait())
             except queue.Empty:

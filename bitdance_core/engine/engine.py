@@ -378,18 +378,25 @@ class Engine:
     # ---- warm-up -----------------------------------------------------------------------------
 
     def warmup(self) -> None:
-        """Run one small request end to end (kernels, allocator) and choose the preview method."""
+        """Warm kernels and the allocator, then choose the preview method from measured costs.
+
+        1) one small request end to end; 2) a default-size request at the default step count for a
+        few AR steps after its prefill (the steady-state cost of a step), then cancelled.
+        """
         H, W = min(self.sizes.allowed(), key=lambda s: s[0] * s[1])
-        req = GenerationRequest("__warmup__", "warm up", H, W, seed=0, steps=2, guidance_scale=2.0, preview_every=0)
-        self.add_request(req)
-        t0 = time.perf_counter()
-        steps = 0
+        self.add_request(GenerationRequest("__warmup__", "warm up", H, W, seed=0, steps=2, guidance_scale=2.0,
+                                           preview_every=0))
         while self.has_work():
             self.step()
-            steps += 1
-        step_s = (time.perf_counter() - t0) / max(1, steps)
         dh, dw = self.serving.default_size
+        self.add_request(GenerationRequest("__warmup2__", "warm up", dh, dw, seed=0, steps=self.serving.default_steps,
+                                           guidance_scale=self.serving.default_guidance, preview_every=0))
+        self.step()  # prefill + first step
+        n = min(3, self.requests["__warmup2__"].total_steps - 1)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        step_s = (time.perf_counter() - t0) / max(1, n)
+        self.cancel("__warmup2__")
         h, w = self.sizes.grid(dh, dw)
-        T = h * w // self.P
-        per_step = step_s * self.serving.default_steps / 2  # warm-up used 2 diffusion steps
-        self.previews.choose_method(per_step, T, self.preview_every_for(dh, dw), h, w)
+        self.previews.choose_method(step_s, h * w // self.P, self.preview_every_for(dh, dw), h, w)

@@ -82,7 +82,9 @@ class PreviewRenderer:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         decode_s = time.perf_counter() - t0
-        previews = max(1, total_steps // max(1, preview_every) - 1)
+        previews = max(1, (total_steps - 1) // max(1, preview_every))
+        # NOTE: measured for one request; in a batch the step is shared but every request pays its own
+        # previews, so ``full`` survives only when it is cheap for a lone request.
         share = previews * decode_s / max(1e-9, total_steps * step_s)
         self.method = "full" if share <= budget else "linear"
         if self.method == "linear":
