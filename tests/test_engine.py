@@ -161,6 +161,30 @@ def test_preview_cadence(model):
     assert kinds.count(EventKind.PROGRESS) == 15
 
 
+@pytest.mark.parametrize("method", ["full", "linear"])
+def test_previews_have_the_image_size_with_either_method(model, method):
+    engine = Engine(model, EngineConfig(max_batch_requests=2, preview_method=method))
+    req = GenerationRequest("p", "a", 128, 64, seed=3, steps=2, guidance_scale=1.0, preview_every=4)
+    results, events, _ = run_all(engine, [req])
+    previews = [e.data["images"] for e in events["p"] if e.kind is EventKind.PREVIEW]
+    assert previews and all(p.shape[1:] == (128, 64, 3) for p in previews)
+    assert engine.previews.method == method
+
+
+def test_linear_preview_tracks_the_full_decode(model):
+    engine = Engine(model, EngineConfig(preview_method="linear"))
+    g = torch.Generator().manual_seed(0)
+    tokens = (torch.randint(0, 2, (1, 8 * 8, engine.previews.c), generator=g) * 2 - 1).float()
+    linear = engine.previews.render(tokens, 8, 8).astype(np.float64)
+    engine.previews.method = "full"
+    full = engine.previews.render(tokens, 8, 8).astype(np.float64)
+    f = engine.previews.f
+    block_means = full[0].reshape(8, f, 8, f, 3).mean(axis=(1, 3))
+    fitted = linear[0, ::f, ::f]
+    assert linear.shape == full.shape
+    assert np.corrcoef(block_means.ravel(), fitted.ravel())[0, 1] > 0.5
+
+
 def test_default_preview_cadence_gives_about_eight():
     # the 14B-64x model at 1024x1024 runs T = 64 AR steps
     every = default_preview_every(64)

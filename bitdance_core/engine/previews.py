@@ -6,8 +6,8 @@ Two methods, chosen per model by measurement at engine start (``choose_method``)
   the finished area, costs one decode per preview.
 * ``linear``: a per-token linear map from the C bits to the mean RGB of that token's f×f pixel
   block, fitted once by least squares on decodes of random token grids (like the latent-to-RGB
-  factors ComfyUI uses for previews). Costs a tiny matmul; the preview has one pixel per token,
-  shown enlarged.
+  factors ComfyUI uses for previews). Costs a tiny matmul; each token becomes one flat f×f block,
+  so the preview has the size of the final image.
 
 ``auto`` measures one full decode against one engine step of the same size and keeps ``full``
 only when the previews of an image (about ``T / preview_every`` of them) would add less than
@@ -60,9 +60,7 @@ class PreviewRenderer:
             lat = unpatchify_tokens(tokens.float().cpu(), h, w, self.ps)  # (B, C, h, w)
             x = torch.cat([lat.permute(0, 2, 3, 1), torch.ones(*lat.shape[:1], h, w, 1)], dim=-1)
             rgb = (x @ self.linear).clamp(-1, 1)  # (B, h, w, 3)
-            scale = max(1, 256 // max(h, w))
-            img = rgb.permute(0, 3, 1, 2)
-            img = F.interpolate(img, scale_factor=scale, mode="nearest") if scale > 1 else img
+            img = F.interpolate(rgb.permute(0, 3, 1, 2), scale_factor=self.f, mode="nearest")
         else:
             lat = unpatchify_tokens(tokens, h, w, self.ps)
             img = self.ae.decode(lat.to(self.ae.dtype)).float()
