@@ -25,7 +25,7 @@ from bitdance_core.demo.score import score
 logger = logging.getLogger(__name__)
 
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 4.0
+DEFAULT_GUIDANCE = 6.0
 
 
 def _rate(xs: list[bool]) -> float | None:

@@ -78,7 +78,7 @@ def save_checkpoint(
     save_file(_half(trainer.head.state_dict(), dtype), str(out_dir / "vision_head.safetensors"))
     save_file(_half(trainer.projector.state_dict(), dtype), str(out_dir / "projector.safetensors"))
     llm = trainer.llm
-    llm.config.torch_dtype = dtype
+    llm.config.dtype = dtype
     llm.to(dtype).save_pretrained(str(out_dir), safe_serialization=True)
     llm.float()
     gc = out_dir / "generation_config.json"
