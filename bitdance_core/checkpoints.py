@@ -85,7 +85,8 @@ class Preset:
         return int(self.head["parallel_num"])
 
 
-def _qwen3(hidden, inter, layers, heads, kv_heads, head_dim, vocab=None, max_pos=40960) -> dict[str, Any]:
+def qwen3_config(hidden, inter, layers, heads, kv_heads, head_dim, vocab=None, max_pos=40960) -> dict[str, Any]:
+    """An HF Qwen3 ``config.json`` of these shapes (the released models' other settings)."""
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": False,
@@ -123,39 +124,40 @@ def _ae(ch, ch_mult, num_res_blocks, z) -> dict[str, Any]:
     }
 
 
-def _head(c, cond, dh, depth, adaln, p, swiglu) -> dict[str, Any]:
+def head_config(c, cond, dh, depth, adaln, p, swiglu, p_mean=-0.8, p_std=0.8, diff_batch_mul=1) -> dict[str, Any]:
+    """A ``vision_head_config.json`` (the training-only keys included, as the released files have them)."""
     return {
         "ch_target": c, "ch_cond": cond, "ch_latent": dh, "depth_latent": depth, "depth_adanln": adaln,
-        "grad_checkpointing": False, "time_shift": 1.0, "time_schedule": "logit_normal", "P_mean": -0.8,
-        "P_std": 0.8, "parallel_num": p, "diff_batch_mul": 1, "use_swiglu": swiglu,
+        "grad_checkpointing": False, "time_shift": 1.0, "time_schedule": "logit_normal", "P_mean": p_mean,
+        "P_std": p_std, "parallel_num": p, "diff_batch_mul": diff_batch_mul, "use_swiglu": swiglu,
     }
 
 
-_TINY_LLM = _qwen3(64, 128, 2, 4, 2, 16, max_pos=4096)
+_TINY_LLM = qwen3_config(64, 128, 2, 4, 2, 16, max_pos=4096)
 _14B_LLM = dict(hidden=5120, inter=17408, layers=40, heads=40, kv_heads=8, head_dim=128)
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        Preset("tiny", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 16), _head(16, 64, 128, 2, 1, 4, False),
+        Preset("tiny", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 16), head_config(16, 64, 128, 2, 1, 4, False),
                "the golden fixture's shapes: 2-layer Qwen3 (hidden 64), AE ch 32 16x 16 bits, MLP head, P=4"),
-        Preset("tiny-16x", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 32), _head(32, 64, 128, 2, 2, 16, True),
+        Preset("tiny-16x", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 32), head_config(32, 64, 128, 2, 2, 16, True),
                "tiny prior and AE, 32-bit tokens, SwiGLU head with 2 adaLN, P=16 (the 16x layout)"),
-        Preset("tiny-64x", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 32), _head(32, 64, 128, 2, 2, 64, True),
+        Preset("tiny-64x", _TINY_LLM, _ae(32, [1, 1, 2, 2, 2], 1, 32), head_config(32, 64, 128, 2, 2, 64, True),
                "tiny prior and AE, 32-bit tokens, SwiGLU head with 2 adaLN, P=64 (the 64x layout)"),
-        Preset("bench", _qwen3(256, 768, 4, 4, 2, 64, max_pos=8192), _ae(32, [1, 1, 2, 2, 4], 1, 32),
-               _head(32, 256, 256, 2, 1, 16, True),
+        Preset("bench", qwen3_config(256, 768, 4, 4, 2, 64, max_pos=8192), _ae(32, [1, 1, 2, 2, 4], 1, 32),
+               head_config(32, 256, 256, 2, 1, 16, True),
                "mid-size shapes for the CPU benchmark: 4-layer Qwen3 (hidden 256), AE ch 32, SwiGLU head Dh 256, "
                "P=16"),
-        Preset("bench-mem", _qwen3(1024, 3072, 8, 16, 8, 64, max_pos=8192), _ae(64, [1, 1, 2, 2, 4], 2, 32),
-               _head(32, 1024, 512, 2, 1, 16, True),
+        Preset("bench-mem", qwen3_config(1024, 3072, 8, 16, 8, 64, max_pos=8192), _ae(64, [1, 1, 2, 2, 4], 2, 32),
+               head_config(32, 1024, 512, 2, 1, 16, True),
                "for the loading-memory benchmark: ~120M parameters, most in the LLM (290 MB on disk, 460 MB kept "
                "in float32)"),
-        Preset("14b-64x", _qwen3(**_14B_LLM, vocab=151988), _ae(256, [1, 1, 2, 2, 4], 4, 32),
-               _head(32, 5120, 5120, 6, 2, 64, True),
+        Preset("14b-64x", qwen3_config(**_14B_LLM, vocab=151988), _ae(256, [1, 1, 2, 2, 4], 4, 32),
+               head_config(32, 5120, 5120, 6, 2, 64, True),
                "BitDance-14B-64x shapes (Qwen3-14B, vocab 151,988; about 17 B parameters: ~37 GB on disk)"),
-        Preset("14b-16x", _qwen3(**_14B_LLM, vocab=151940), _ae(256, [1, 1, 2, 2, 4], 4, 32),
-               _head(32, 5120, 5120, 6, 2, 16, True),
+        Preset("14b-16x", qwen3_config(**_14B_LLM, vocab=151940), _ae(256, [1, 1, 2, 2, 4], 4, 32),
+               head_config(32, 5120, 5120, 6, 2, 16, True),
                "BitDance-14B-16x shapes (Qwen3-14B, vocab 151,940; about 17 B parameters: ~37 GB on disk)"),
     ]
 }

@@ -4,7 +4,7 @@ Defaults come from the model (the official size list and 50 steps / guidance 7.5
 checkpoints). A checkpoint directory may carry an optional ``serving_config.json`` (ignored by the
 official code) overriding them, e.g. the embedded demo model's 64x64 size and its step count::
 
-    {"sizes": [[64, 64]], "default_size": [64, 64], "default_steps": 20, "default_guidance": 4.0}
+    {"sizes": [[64, 64]], "default_size": [64, 64], "default_steps": 20, "default_guidance": 6.0}
 
 Torch-free: the API process may import it.
 """

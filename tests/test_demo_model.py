@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from bitdance_core import default_model_dir
 from bitdance_core.demo import data
-from bitdance_core.demo.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, demo_model_dir
 from bitdance_core.demo.score import score
+from bitdance_core.serving_config import ServingConfig
 
-DEMO = demo_model_dir()
+DEMO = Path(default_model_dir())
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
          "ae_config.json", "ae.safetensors", "vision_head_config.json", "vision_head.safetensors",
          "projector.safetensors")
@@ -50,7 +52,9 @@ def test_loads_with_the_project_loader(pipe):
 @pytest.mark.parametrize(("caption", "seed"), CASES)
 def test_generation_is_recognised(pipe, caption, seed):
     scene = next(s for s in data.caption_split()[0] + data.caption_split()[1] if s.caption == caption)
-    out = pipe(caption, 64, 64, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=seed)
+    serving = ServingConfig.for_model(pipe.config)
+    assert (serving.default_steps, serving.default_guidance) == (20, 6.0)
+    out = pipe(caption, 64, 64, steps=serving.default_steps, guidance_scale=serving.default_guidance, seed=seed)
     assert out.images[0].size == (64, 64)
     result = score(out.images[0], scene)
     assert result.all, (caption, seed, result)

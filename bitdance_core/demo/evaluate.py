@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bitdance_core import default_model_dir
 from bitdance_core.demo import data as demo_data
 from bitdance_core.demo.score import score
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 6.0
 
 
 def _rate(xs: list[bool]) -> float | None:
@@ -34,8 +32,8 @@ def _rate(xs: list[bool]) -> float | None:
 
 def evaluate(
     model_dir: str | Path,
-    steps: int = DEFAULT_STEPS,
-    guidance_scale: float = DEFAULT_GUIDANCE,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
     per_group: int = 24,
     images_per_caption: int = 2,
     seed: int = 0,
@@ -45,14 +43,19 @@ def evaluate(
     splits: tuple[str, ...] = ("seen", "heldout"),
     pipe=None,
 ) -> dict:
+    """``steps`` / ``guidance_scale`` default to the checkpoint's serving defaults (``serving_config.json``)."""
     from tqdm import tqdm
 
     from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.serving_config import ServingConfig
 
     if threads:
         torch.set_num_threads(threads)
     if pipe is None:
         pipe = BitDancePipeline.from_pretrained(str(model_dir), device="cpu")
+    serving = ServingConfig.for_model(pipe.config)
+    steps = serving.default_steps if steps is None else steps
+    guidance_scale = serving.default_guidance if guidance_scale is None else guidance_scale
     size = demo_data.IMAGE_SIZE
     sets = demo_data.evaluation_captions(per_group, seed)
     report: dict = {
@@ -116,8 +119,8 @@ def _save_grids(out: Path, saved: dict[str, list]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bitdance eval-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the shipped demo model)")
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    ap.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    ap.add_argument("--steps", type=int, default=None, help="default: the checkpoint's serving default")
+    ap.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's serving default")
     ap.add_argument("--per-group", type=int, default=24)
     ap.add_argument("--images-per-caption", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = args.model or str(demo_model_dir())
+    model = args.model or default_model_dir()
     rep = evaluate(model, args.steps, args.guidance, args.per_group, args.images_per_caption, args.seed,
                    args.save_dir, args.threads)
     text = json.dumps(rep, indent=2)
@@ -134,10 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(text + "\n")
     logger.info("evaluation report:\n%s", text)
     return 0
-
-
-def demo_model_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from bitdance_core.demo.train_ae import (
     save_autoencoder,
     train_autoencoder,
 )
-from bitdance_core.demo.train_prior import DemoPriorTrainer, PriorConfig, block_mask, head_config, train_prior
+from bitdance_core.demo.train_prior import DemoPriorTrainer, PriorConfig, block_mask, demo_head_config, train_prior
 from bitdance_core.demo.train_utils import LossLog
 from bitdance_core.models.autoencoder import BinaryAutoencoder
 from bitdance_core.tokenizer_build import build_tokenizer
@@ -73,7 +73,7 @@ def save_checkpoint(
     (out_dir / "ae_config.json").write_text(json.dumps({"ddconfig": ddconfig, "gan_decoder": False}, indent=2))
     save_file(_half(ae.state_dict(), dtype), str(out_dir / "ae.safetensors"))
     (out_dir / "vision_head_config.json").write_text(
-        json.dumps(head_config(trainer.cfg, trainer.c), indent=2)
+        json.dumps(demo_head_config(trainer.cfg, trainer.c), indent=2)
     )
     save_file(_half(trainer.head.state_dict(), dtype), str(out_dir / "vision_head.safetensors"))
     save_file(_half(trainer.projector.state_dict(), dtype), str(out_dir / "projector.safetensors"))

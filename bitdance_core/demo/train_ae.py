@@ -9,7 +9,6 @@ on the fixed tokens: the encoder, hence the tokens the prior learns, no longer m
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from bitdance_core.demo import data as demo_data
-from bitdance_core.demo.train_utils import LossLog, lr_at, to_unit
+from bitdance_core.demo.train_utils import LossLog, optimise, to_unit
 from bitdance_core.models.autoencoder import BinaryAutoencoder
 
 
@@ -70,35 +68,22 @@ def train_autoencoder(
 ) -> BinaryAutoencoder:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    ae = BinaryAutoencoder(ae_ddconfig(cfg, images_u8.shape[1]))
-    ae.ddconfig = ae_ddconfig(cfg, images_u8.shape[1])
+    ddconfig = ae_ddconfig(cfg, images_u8.shape[1])
+    ae = BinaryAutoencoder(ddconfig)
+    ae.ddconfig = ddconfig
     opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     x_all = to_unit(images_u8)
-    n = x_all.shape[0]
-    bar = tqdm(range(cfg.steps), desc="autoencoder", disable=not progress, mininterval=5)
-    ema = None
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr)
-        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
-        x = x_all[idx]
-        # random flips keep the shapes' vocabulary (triangles point up: horizontal flip only)
+
+    def step_loss() -> torch.Tensor:
+        x = x_all[torch.randint(0, x_all.shape[0], (cfg.batch,), generator=gen)]
         h = ae.quantize_ste(ae.encode_continuous(x))
         if cfg.latent_flip > 0:
             flip = torch.rand(h.shape, generator=gen) < cfg.latent_flip
             h = torch.where(flip, -h.detach(), h)
-        y = ae.decode(h)
-        loss = reconstruction_loss(y, x, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
-        if log is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            log.write(stage="ae", step=step, loss=round(loss.item(), 5), ema=round(ema, 5), t=time.time())
-    ae.eval()
-    return ae
+        return reconstruction_loss(ae.decode(h), x, cfg)
+
+    optimise("ae", opt, list(ae.parameters()), cfg.steps, cfg.lr, 50, step_loss, log, progress)
+    return ae.eval()
 
 
 def finetune_decoder(
@@ -117,30 +102,17 @@ def finetune_decoder(
     params = list(ae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     x_all = to_unit(images_u8)
-    n = x_all.shape[0]
-    ae.train()
-    bar = tqdm(range(steps), desc="decoder", disable=not progress, mininterval=5)
-    ema = None
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=20)
-        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
-        x = x_all[idx]
+
+    def step_loss() -> torch.Tensor:
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch,), generator=gen)
         z = latents[idx].float()
         if cfg.decoder_flip > 0:
             z = torch.where(torch.rand(z.shape, generator=gen) < cfg.decoder_flip, -z, z)
-        y = ae.decode(z)
-        loss = reconstruction_loss(y, x, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
-        if log is not None and (step % 10 == 0 or step == steps - 1):
-            log.write(stage="decoder", step=step, loss=round(loss.item(), 5), ema=round(ema, 5), t=time.time())
-    ae.eval()
-    return ae
+        return reconstruction_loss(ae.decode(z), x_all[idx], cfg)
+
+    ae.train()
+    optimise("decoder", opt, params, steps, lr, 20, step_loss, log, progress)
+    return ae.eval()
 
 
 @torch.no_grad()

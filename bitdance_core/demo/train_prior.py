@@ -11,14 +11,13 @@ guidance) and the teacher-forced input tokens get the official bit-flip perturba
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from bitdance_core.demo.train_utils import LossLog, lr_at
+from bitdance_core.checkpoints import head_config, qwen3_config
+from bitdance_core.demo.train_utils import LossLog, optimise
 from bitdance_core.models.diffusion_head import DiffusionHead
 from bitdance_core.models.projector import Projector, patchify, pos2d_table
 
@@ -52,40 +51,14 @@ class PriorConfig:
 def build_prior(cfg: PriorConfig, vocab_size: int, max_positions: int):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    qcfg = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=1e-6,
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-        attention_bias=False,
-        attn_implementation="sdpa",
-    )
-    return Qwen3ForCausalLM(qcfg)
+    shapes = (cfg.hidden, cfg.intermediate, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim)
+    hf = qwen3_config(*shapes, vocab=vocab_size, max_pos=max_positions)
+    return Qwen3ForCausalLM(Qwen3Config.from_dict(hf, attn_implementation="sdpa"))
 
 
-def head_config(cfg: PriorConfig, z_channels: int) -> dict:
-    return {
-        "ch_target": z_channels,
-        "ch_cond": cfg.hidden,
-        "ch_latent": cfg.head_width,
-        "depth_latent": cfg.head_depth,
-        "depth_adanln": cfg.head_adaln,
-        "time_shift": 1.0,
-        "time_schedule": "logit_normal",
-        "P_mean": cfg.p_mean,
-        "P_std": cfg.p_std,
-        "parallel_num": cfg.parallel_num,
-        "diff_batch_mul": cfg.diff_batch_mul,
-        "use_swiglu": cfg.use_swiglu,
-    }
+def demo_head_config(cfg: PriorConfig, z_channels: int) -> dict:
+    return head_config(z_channels, cfg.hidden, cfg.head_width, cfg.head_depth, cfg.head_adaln, cfg.parallel_num,
+                       cfg.use_swiglu, p_mean=cfg.p_mean, p_std=cfg.p_std, diff_batch_mul=cfg.diff_batch_mul)
 
 
 def block_mask(lengths: torch.Tensor, seq: int, image_len: int, p: int) -> torch.Tensor:
@@ -127,7 +100,7 @@ class DemoPriorTrainer:
         self.prefix_ids = tokenizer.convert_tokens_to_ids(prefix)
         self.uncond_ids = tokenizer.encode(UNCOND_TEXT)
         self.llm = build_prior(cfg, len(tokenizer), max_positions=512)
-        self.head = DiffusionHead(**head_config(cfg, z_channels))
+        self.head = DiffusionHead(**demo_head_config(cfg, z_channels))
         self.projector = Projector(z_channels, cfg.hidden)
         self.pe = pos2d_table(grid, grid, self.ps, cfg.hidden)  # (N, D) fp32
         self._cache: dict[str, list[int]] = {}
@@ -217,21 +190,11 @@ def train_prior(
         lr=cfg.lr,
         betas=(0.9, 0.95),
     )
-    n = latents.shape[0]
-    bar = tqdm(range(cfg.steps), desc=stage, disable=not progress, mininterval=5)
-    ema = None
+
+    def step_loss() -> torch.Tensor:
+        idx = torch.randint(0, latents.shape[0], (cfg.batch,), generator=gen)
+        return trainer.loss([captions[i] for i in idx.tolist()], latents[idx], gen)
+
     trainer.llm.train()
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.lr, warmup=100)
-        idx = torch.randint(0, n, (cfg.batch,), generator=gen)
-        loss = trainer.loss([captions[i] for i in idx.tolist()], latents[idx], gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.97 * ema + 0.03 * loss.item()
-        bar.set_postfix(loss=f"{ema:.4f}")
-        if log is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            log.write(stage=stage, step=step, loss=round(loss.item(), 5), ema=round(ema, 5), t=time.time())
+    optimise(stage, opt, params, cfg.steps, cfg.lr, 100, step_loss, log, progress, ema_decay=0.97)
     trainer.llm.eval()

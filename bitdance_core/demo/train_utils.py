@@ -1,13 +1,16 @@
-"""Small helpers shared by the demo training stages: learning-rate schedule, image scaling, loss log."""
+"""Shared by the demo training stages: the optimisation loop, its learning-rate schedule, image scaling, loss log."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 def lr_at(step: int, total: int, base: float, warmup: int = 50) -> float:
@@ -34,3 +37,34 @@ class LossLog:
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
+
+
+def optimise(
+    stage: str,
+    opt: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    steps: int,
+    base_lr: float,
+    warmup: int,
+    step_loss: Callable[[], torch.Tensor],
+    log: LossLog | None,
+    progress: bool,
+    ema_decay: float = 0.95,
+) -> None:
+    """``steps`` AdamW steps on ``step_loss()`` (which draws its own batch): warm-up + cosine schedule,
+    gradient clipping at 1, a progress bar with the smoothed loss, a log row every 10 steps and at the end."""
+    ema = None
+    bar = tqdm(range(steps), desc=stage, disable=not progress, mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, base_lr, warmup)
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        value = loss.item()
+        ema = value if ema is None else ema_decay * ema + (1 - ema_decay) * value
+        bar.set_postfix(loss=f"{ema:.4f}")
+        if log is not None and (step % 10 == 0 or step == steps - 1):
+            log.write(stage=stage, step=step, loss=round(value, 5), ema=round(ema, 5), t=time.time())
