@@ -137,6 +137,10 @@ class Qwen3Model(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the KV cache this prior writes."""
+        return self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
+
     def forward(self, embeds: torch.Tensor, plan: AttnPlan) -> torch.Tensor:
         x = embeds.to(self.dtype)
         for i, layer in enumerate(self.layers):
