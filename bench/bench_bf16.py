@@ -89,10 +89,11 @@ def main() -> None:
         print(json.dumps(res, indent=2))
         return
     print(f"bf16 vs fp32 through the engine on {args.device}, {Path(args.model).name}")
-    print(f"{'case':6} {'size':8} {'cfg':>4} {'step-0 bits':>12} {'image bits':>11} {'img mean|d|':>12} {'img max|d|':>11}")
+    cols = ("step-0 bits", "image bits", "img mean|d|", "img max|d|")
+    print(f"{'case':6} {'size':8} {'cfg':>4} " + " ".join(f"{c:>12}" for c in cols))
     for c in res["cases"]:
-        print(f"{c['case']:6} {c['size']:8} {c['guidance']:4.1f} {c['first_step_bits']:12.4f} {c['image_bits']:11.4f} "
-              f"{c['image_mean_abs']:12.2f} {c['image_max_abs']:11.0f}")
+        print(f"{c['case']:6} {c['size']:8} {c['guidance']:4.1f} {c['first_step_bits']:12.4f} {c['image_bits']:12.4f} "
+              f"{c['image_mean_abs']:12.2f} {c['image_max_abs']:12.0f}")
     inv = res["bf16_batch_invariance"]
     print(f"bf16 batch invariance (alone vs mixed in one batch): {inv['identical_requests']} requests identical, "
           f"lowest bit agreement {inv['min_bit_agreement']:.4f}")
