@@ -63,6 +63,8 @@ def graphs_enabled(setting: str, device: torch.device) -> bool:
     setting = os.environ.get("BITDANCE_CUDA_GRAPHS", setting).lower()
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"cuda_graphs must be auto, on or off, got {setting!r}")
+    if setting == "on" and device.type != "cuda":
+        logger.warning("cuda_graphs=on has no effect on %s: CUDA graphs need a CUDA device", device)
     return device.type == "cuda" and setting != "off"
 
 
@@ -128,7 +130,9 @@ class Runner:
             cache.reset(st.slots)
             rows.append((st.cond_slots[0], st.prep.cond_prefix))
             key = st.prep.uncond_key
-            if st.prep.uses_cfg and key not in self.prefix_cache and key not in pending:
+            if key in self.prefix_cache:
+                self.prefix_cache.move_to_end(key)  # used now: not the one evicted below
+            elif st.prep.uses_cfg and key not in pending:
                 pending[key] = st.uncond_slots[0]
                 rows.append((st.uncond_slots[0], st.prep.uncond_prefix))
         embeds = [f.prefix_embeddings(p) for _, p in rows]
