@@ -249,3 +249,10 @@ def test_the_sync_detector_detects():
         bool(torch.ones(2).sum() > 0)
     with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
         torch.arange(4).nonzero()
+
+
+def test_cuda_graphs_setting_is_validated_and_reported(model, monkeypatch):
+    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
+    with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
+        Engine(model, EngineConfig(cuda_graphs="yes"))
+    assert Engine(model, EngineConfig(cuda_graphs="auto")).info()["cuda_graphs"] is False  # CPU: never
