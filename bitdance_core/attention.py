@@ -3,7 +3,9 @@
 All attention in the model is *non-causal* over a given key set:
 
 * the diffusion head attends over the P tokens of one block (no mask);
-* a prior block step attends from P new queries to ``[cache; block]`` (no mask: block-bidirectional);
+* a prior block step attends from P new queries to ``[cache; block]`` (block-bidirectional); rows
+  of one step have different lengths (cond and uncond streams), so it carries a per-row key mask
+  ``(R, 1, 1, Lk)`` that the runner builds on the device into a persistent buffer;
 * a prefill is causal, and rows of different lengths carry a key-padding mask.
 
 Grouped-query attention never repeats K/V: SDPA's ``enable_gqa`` (exact against
