@@ -92,7 +92,10 @@ def _sdpa(q, k, v, causal, mask, scale):
         return _sdpa_folded(q, k, v, mask, scale)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views
     # GQA inside the kernel: K/V are never repeated (bit-identical to repeat_interleave on CPU).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
+    if kv_heads != heads:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
