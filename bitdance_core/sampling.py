@@ -136,3 +136,52 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """±1 tokens (``sign``; an exact 0 stays 0 as in the reference, with negligible probability)."""
     return torch.sign(x)
+
+
+@dataclass
+class RowGuidance:
+    """Per-row guidance of a fixed-shape sampler call (persistent device buffers, one entry per row).
+
+    A *guided* row ``r`` pairs with ``partner[r]`` (its cond/uncond twin, which carries the same
+    state) and both rows step with ``v_u + scale (v_c - v_u)``; an unguided row steps with its own
+    velocity. ``index`` maps packed rows to KV slots (used by the runner, not by the sampler)."""
+
+    index: torch.Tensor  # (R,) long
+    partner: torch.Tensor  # (R,) long
+    is_cond: torch.Tensor  # (R, 1, 1) bool
+    guided: torch.Tensor  # (R, 1, 1) bool
+    scale: torch.Tensor  # (R, 1, 1) float32
+
+    def slice(self, n: int) -> RowGuidance:
+        return RowGuidance(self.index[:n], self.partner[:n], self.is_cond[:n], self.guided[:n], self.scale[:n])
+
+
+def sample_rows(
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
+    noise: torch.Tensor,
+    rows: RowGuidance,
+    sch: Schedule,
+) -> torch.Tensor:
+    """Fixed-shape Euler–Maruyama over ``R`` rows; returns the float32 state ``(R, P, C)``.
+
+    ``noise`` ``(S + 1, R, P, C)`` holds every draw of the loop (the initial state first), already
+    drawn in the reference's order; a guided pair's rows carry the same noise, so their states stay
+    bit-identical and the arithmetic per element is the reference's (:func:`euler_maruyama`).
+    No host sync and no data-dependent shape: the loop can be captured as one CUDA graph.
+    """
+    steps = noise.shape[0] - 1
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        v = (predict(x, i).float() - x) / sch.denom[i]
+        vp = v.index_select(0, rows.partner)
+        v_c = torch.where(rows.is_cond, v, vp)
+        v_u = torch.where(rows.is_cond, vp, v)
+        return torch.where(rows.guided, v_u + rows.scale * (v_c - v_u), v)
+
+    x = noise[0]
+    for i in range(steps):
+        v = velocity(x, i)
+        score = (sch.t[i] * v - x) / sch.var[i]
+        drift = v + sch.one_minus_t[i] * score
+        x = x + drift * sch.dt[i] + sch.noise_scale[i] * noise[i + 1]
+    return x + velocity(x, steps) * LAST_STEP
