@@ -83,7 +83,8 @@ def _build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
     m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x | "
                                                    "imagenet-b-1x | imagenet-b-4x | imagenet-b-16x | imagenet-l-1x | "
-                                                   "imagenet-h-1x | imagenet-tiny | imagenet-tiny-1x | imagenet-tiny-16x")
+                                                   "imagenet-h-1x | imagenet-tiny | imagenet-tiny-1x | "
+                                                   "imagenet-tiny-16x")
     m.add_argument("--output", required=True, help="directory to write")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "

@@ -57,6 +57,7 @@ class ClassModelConfig:
     vae_ddconfig: dict[str, Any] = field(default_factory=lambda: dict(RELEASED_DDCONFIG))
     default_guidance: float = DEFAULT_GUIDANCE
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
+    model_dir: str | None = field(default=None, compare=False)  # the checkpoint file (``info()`` reports it)
 
     def __post_init__(self):
         if self.dim % self.n_head:
@@ -93,6 +94,19 @@ class ClassModelConfig:
         return round(self.parallel_num ** 0.5) if self.parallel_mode == "patch" else 1
 
     @property
+    def downsample(self) -> int:
+        return self.down_size * self.patch_size
+
+    @property
+    def is_released_shape(self) -> bool:  # the text-to-image size list does not apply
+        return False
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width): the one size the model generates."""
+        return self.image_size, self.image_size
+
+    @property
     def null_class(self) -> int:
         return self.num_classes
 
@@ -121,4 +135,5 @@ class ClassModelConfig:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("sources")
+        d.pop("model_dir")
         return d

@@ -136,7 +136,8 @@ def resolve_config(ckpt_path: Path, state: dict[str, torch.Tensor], ckpt_args: d
             if k not in fields:
                 fields[k], origin[k] = v, where
     if "n_head" not in fields:
-        match = [n for n, p in PRESETS.items() if p["dim"] == fields.get("dim") and p["n_layer"] == fields.get("n_layer")]
+        match = [n for n, p in PRESETS.items()
+                 if p["dim"] == fields.get("dim") and p["n_layer"] == fields.get("n_layer")]
         if match:
             fields["n_head"], origin["n_head"] = PRESETS[match[0]]["n_head"], f"preset {match[0]} (dim, n_layer)"
     for k, v in OFFICIAL_DEFAULTS.items():
@@ -156,7 +157,7 @@ def resolve_config(ckpt_path: Path, state: dict[str, torch.Tensor], ckpt_args: d
     kw = {k: fields[k] for k in ARCH + ARGS}
     kw = {k: (float(v) if k == "time_shift" else v if k == "parallel_mode" else int(v)) for k, v in kw.items()}
     try:
-        return ClassModelConfig(name=name, vae_ddconfig=dict(ddconfig), sources=origin,
+        return ClassModelConfig(name=name, vae_ddconfig=dict(ddconfig), sources=origin, model_dir=str(ckpt_path),
                                 **({"default_guidance": guidance} if guidance else {}), **kw)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_path.name}: {e}") from e

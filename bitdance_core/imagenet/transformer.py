@@ -66,7 +66,8 @@ class Attention(nn.Module):
             if plan.slot_range is not None:
                 s0, s1 = plan.slot_range
                 ck, cv = ck[s0:s1], cv[s0:s1]
-                rows = torch.arange(r, device=x.device)[:, None]
+                rows = plan.row_index[:r] if plan.row_index is not None else \
+                    torch.arange(r, device=x.device)[:, None]
             else:
                 rows = plan.slots[:, None]
             ck[rows, plan.write_pos] = k
@@ -167,7 +168,7 @@ class ClassTransformer(nn.Module):
         return self.proj_in(bits.to(self.dtype))
 
     def head_condition(self, hidden: torch.Tensor, first_token: int) -> torch.Tensor:
-        """(R, P, D) hidden states predicting tokens ``first_token ..`` -> the head's condition (adds ``pos_for_diff``)."""
+        """(R, P, D) hidden states predicting tokens ``first_token ..`` -> the head's condition (+ ``pos_for_diff``)."""
         n = hidden.shape[1]
         return hidden + self.pos_for_diff.weight[first_token : first_token + n]
 
@@ -191,9 +192,14 @@ class ClassTransformer(nn.Module):
             mask = block_causal_mask(length, self.cfg.cls_token_num - 1, self.cfg.parallel_num, self.device)
         return AttnPlan(cos=cos, sin=sin, mask=mask.expand(rows, 1, length, length))
 
-    # Same planning as the text-to-image prior (per-row cache lengths, causal prefix with a bidirectional last
-    # block, block steps): only ``rope`` differs.
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the KV cache this transformer writes (no grouped-query attention)."""
+        return self.cfg.n_layer, self.cfg.n_head, self.cfg.head_dim
+
+    # The same planning as the text-to-image prior (per-row cache lengths, causal prefix with a bidirectional last
+    # block, the engine's fixed-shape block step): only ``rope`` differs, so the functions are shared.
     plan_cached = Qwen3Model.plan_cached
+    plan_step = Qwen3Model.plan_step
 
 
 def block_causal_mask(total: int, causal: int, block: int, device=None) -> torch.Tensor:
