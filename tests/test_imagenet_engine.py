@@ -179,6 +179,6 @@ def test_next_token_model_in_the_engine(tmp_path):
 def test_info(model):
     info = Engine(model, EngineConfig()).info()
     assert info["kind"] == "class-conditional" and info["num_classes"] == 1000
-    assert info["defaults"]["steps"] == 100 and info["default_cfg_schedule"] == "linear"
+    assert info["defaults"]["steps"] == 100 and info["defaults"]["cfg_schedule"] == "linear"
     assert info["size"] == [256, 256] and info["sizes"] == [[256, 256]]
     assert info["class_names"][207] == "golden retriever"

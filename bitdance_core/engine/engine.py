@@ -98,10 +98,13 @@ class Engine:
     def info(self) -> dict:
         cfg, s = self.model.config, self.serving
         h, w = s.default_size
-        return {**self.family.info(),
+        fam = self.family.info()
+        extra_defaults = fam.pop("defaults", {})  # e.g. the class-conditional cfg_schedule
+        return {**fam,
             "model": cfg.name, "model_dir": cfg.model_dir, "parallel_num": self.P, "downsample": cfg.downsample,
             "sizes": [list(x) for x in self.sizes.allowed()], "default_size": [h, w],
-            "defaults": {"steps": s.default_steps, "guidance_scale": s.default_guidance, "num_images": 1},
+            "defaults": {"steps": s.default_steps, "guidance_scale": s.default_guidance, "num_images": 1,
+                         **extra_defaults},
             "limits": s.limits.as_dict(), "device": str(self.device),
             "dtype": str(self.family.prior.dtype).removeprefix("torch."),
             "attention_backend": __import__("bitdance_core.attention", fromlist=["x"]).resolve_backend(self.device),

@@ -106,6 +106,6 @@ class ClassConditional(ModelFamily):
         cfg = self.config
         names = list(class_names()) if cfg.num_classes == 1000 else None
         return {"kind": self.kind, "num_classes": cfg.num_classes, "class_names": names,
-                "cfg_schedules": list(CFG_SCHEDULES), "default_cfg_schedule": "linear",
+                "cfg_schedules": list(CFG_SCHEDULES), "defaults": {"cfg_schedule": "linear"},
                 "size": list(cfg.size), "architecture": cfg.kind, "ar_steps": cfg.ar_steps,
                 "weights": self.model.weights}
