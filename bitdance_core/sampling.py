@@ -142,18 +142,19 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 class RowGuidance:
     """Per-row guidance of a fixed-shape sampler call (persistent device buffers, one entry per row).
 
-    A *guided* row ``r`` pairs with ``partner[r]`` (its cond/uncond twin, which carries the same
-    state) and both rows step with ``v_u + scale (v_c - v_u)``; an unguided row steps with its own
-    velocity. ``index`` maps packed rows to KV slots (used by the runner, not by the sampler)."""
+    Row ``r`` steps with ``v[u] + scale (v[c] - v[u])``, ``c = cond_index[r]``, ``u = uncond_index[r]``.
+    A guided cond/uncond pair (whose rows carry the same state) both point at the pair's rows; an
+    unguided row points at itself twice, which gives its own ``v`` exactly (``v + s * 0``), so
+    one formula without a branch or mask serves every row. ``index`` maps packed rows to KV slots
+    (used by the runner, not by the sampler)."""
 
     index: torch.Tensor  # (R,) long
-    partner: torch.Tensor  # (R,) long
-    is_cond: torch.Tensor  # (R, 1, 1) bool
-    guided: torch.Tensor  # (R, 1, 1) bool
+    cond_index: torch.Tensor  # (R,) long
+    uncond_index: torch.Tensor  # (R,) long
     scale: torch.Tensor  # (R, 1, 1) float32
 
     def slice(self, n: int) -> RowGuidance:
-        return RowGuidance(self.index[:n], self.partner[:n], self.is_cond[:n], self.guided[:n], self.scale[:n])
+        return RowGuidance(self.index[:n], self.cond_index[:n], self.uncond_index[:n], self.scale[:n])
 
 
 def sample_rows(
@@ -173,10 +174,8 @@ def sample_rows(
 
     def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
         v = (predict(x, i).float() - x) / sch.denom[i]
-        vp = v.index_select(0, rows.partner)
-        v_c = torch.where(rows.is_cond, v, vp)
-        v_u = torch.where(rows.is_cond, vp, v)
-        return torch.where(rows.guided, v_u + rows.scale * (v_c - v_u), v)
+        v_c, v_u = v.index_select(0, rows.cond_index), v.index_select(0, rows.uncond_index)
+        return v_u + rows.scale * (v_c - v_u)
 
     x = noise[0]
     for i in range(steps):

@@ -65,10 +65,9 @@ class Engine:
     # ---- setup -----------------------------------------------------------------------------
 
     def _init_model(self) -> None:
-        cfg = self.model.config
         self.family = family_for(self.model, self.serving)
         self.P, self.C, self.device = self.family.parallel_num, self.family.z_channels, self.family.device
-        self.sizes = self.serving.size_policy(cfg)
+        self.sizes = self.family.sizes
         self.previews = PreviewRenderer(self.family.ae, self.family.latent, self.C, self.family.downsample,
                                         self.config.preview_method)
 
@@ -232,7 +231,7 @@ class Engine:
         whose noise comes from each request's generator)."""
         groups: dict[tuple, list[RequestState]] = {}
         for st in done:
-            key = (st.h, st.w) if not self.family.ae.gan_decoder else (st.id,)
+            key = (st.id,) if getattr(self.family.ae, "gan_decoder", False) else (st.h, st.w)
             groups.setdefault(key, []).append(st)
         events = []
         for reqs in groups.values():

@@ -47,12 +47,28 @@ Life of a request, and which method the engine calls (``st`` is the engine's Req
    ``(B, H, W, 3)`` images; ``latent(tokens, h, w)`` is the un-patchify used by previews.
 
 The prior (``self.prior``) is called only through the forward-over-embeddings contract of
-:class:`bitdance_core.models.qwen3.Qwen3Model`: ``dtype``, ``device``, ``kv_layout()`` ->
-``(layers, kv_heads, head_dim)`` (the engine allocates ``KVCache`` from it, so a prior with
-kv heads = heads just says so), ``plan_cached(...)`` for prefills, ``plan_step(...)`` for the
-fixed-shape block step, and ``__call__(embeds, plan) -> hidden``. A second transformer class
-implements those with its own RoPE (``rope(positions) -> (cos, sin)``, positions being cache
-positions) and its own attention layout, reusing ``AttnPlan`` and ``bitdance_core.attention``.
+:class:`bitdance_core.models.qwen3.Qwen3Model`; a second transformer class (ImageNet:
+LlamaGen-style, fused ``wqkv``, kv heads = heads, 2-D RoPE indexed by sequence position)
+implements the same members with its own RoPE and attention layout, reusing ``AttnPlan``,
+``KVCache`` and ``bitdance_core.attention.attention``:
+
+* ``dtype``, ``device``; ``kv_layout()`` -> ``(layers, kv_heads, head_dim)``: the engine
+  allocates ``KVCache(layers, rows, max_len, kv_heads, head_dim)`` from it;
+* ``rope(positions (R, L) long, dtype)`` -> ``(cos, sin)``, each ``(R, L, X)``, a function of each
+  position alone: the runner builds the table of every cache position once and gathers rows
+  (``X`` and the rotation that consumes it are the transformer's business);
+* ``plan_cached(cache, slots, new_tokens, length, block)``: a prefill plan from host lengths
+  (advances ``cache.lengths``);
+* ``plan_step(cache, buf, rows, key_len)``: the fixed-shape block step over slots
+  ``0..rows-1`` from the runner's device buffers (``runner.StepBuffers``); copy Qwen3's;
+* ``__call__(embeds (R, L, D), plan)`` -> hidden ``(R, L, D)`` after the final norm.
+
+The head (``self.head``) offers ``dtype``, ``condition(c)`` (once per AR step),
+``time_table(t_values)`` and ``predict(x, t, cond_emb, t_emb)``
+(:class:`bitdance_core.models.diffusion_head.DiffusionHead`). The autoencoder (``self.ae``)
+offers ``decode(latent, generator=...)``, ``dtype`` and ``gan_decoder`` (True when decoding
+draws noise, so requests are decoded one at a time with their own generators). ``sizes`` is a
+``SizePolicy`` (``allowed()``, ``grid(H, W)``, ``ar_steps(h, w)``) for the sizes served.
 """
 
 from __future__ import annotations
@@ -106,8 +122,8 @@ class ModelFamily(ABC):
     """See the module docstring for the contract. Attributes every family sets in ``__init__``:
     ``kind`` (``"text-to-image"`` or ``"class-conditional"``), ``prior``, ``head``, ``ae``,
     ``parallel_num`` (P), ``z_channels`` (C), ``hidden_size`` (prior D), ``cond_dim`` (head
-    ``ch_cond``), ``prefill_block`` (the mutually visible tail of a prefill), ``time_shift``,
-    ``downsample`` and ``device``."""
+    ``ch_cond``), ``prefill_block`` (the mutually visible tail of a prefill), ``time_shift``
+    (of the sampler's time grid), ``downsample``, ``sizes`` and ``device``."""
 
     kind: str
 

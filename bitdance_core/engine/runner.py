@@ -17,7 +17,7 @@ of their own free or finished slot). The per-row key mask ``(R, 1, 1, Lk)`` is b
 device into a persistent buffer; RoPE rows are gathered from a table built once.
 
 The head works on packed rows (each request's cond rows then uncond rows, padded to a bucket):
-``sample_rows`` (sampling.py) with per-row partner / guided / scale buffers, so a request can be
+``sample_rows`` (sampling.py) with per-row cond / uncond index and scale buffers, so a request can be
 guided at one step and sample every row independently at another (the family decides). All the
 noise of an AR step is drawn *before* the sampler loop into a persistent buffer, from each
 request's own generator in the reference's order (initial state, then one draw per
@@ -105,9 +105,8 @@ class Runner:
             sin=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
             mask=torch.zeros(R, cache.max_len, dtype=torch.bool, device=dev), block=P)
         self.rows = RowGuidance(  # packed head rows
-            index=torch.zeros(R, dtype=torch.long, device=dev), partner=torch.zeros(R, dtype=torch.long, device=dev),
-            is_cond=torch.zeros(R, 1, 1, dtype=torch.bool, device=dev),
-            guided=torch.zeros(R, 1, 1, dtype=torch.bool, device=dev), scale=torch.ones(R, 1, 1, device=dev))
+            index=torch.zeros(R, dtype=torch.long, device=dev), cond_index=torch.zeros(R, dtype=torch.long, device=dev),
+            uncond_index=torch.zeros(R, dtype=torch.long, device=dev), scale=torch.ones(R, 1, 1, device=dev))
         self.noise = torch.zeros(0, R, P, self.C, device=dev)
         self._t_emb: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
@@ -195,29 +194,27 @@ class Runner:
 
     def _sample(self, steps: int, reqs) -> None:
         f, P, dev = self.family, self.P, self.device
-        index, partner, is_cond, guided, scale, spans = [], [], [], [], [], []
+        index, c_idx, u_idx, scale, spans = [], [], [], [], []
         for st in reqs:
             g = f.step_guidance(st, st.step)
             B, a = st.num_images, len(index)
             index.extend(st.slots)
             for j in range(st.rows):
-                c = j < B
-                partner.append(a + (j + B if c else j - B) if g is not None else a + j)
-                is_cond.append(c)
-                guided.append(g is not None)
+                pair = j % B
+                c_idx.append(a + (pair if g is not None else j))
+                u_idx.append(a + (pair + B if g is not None else j))
                 scale.append(1.0 if g is None else float(g))
             spans.append((st, a, g))
         n = len(index)
         Hb = self.bucket(n)
-        pad = Hb - n
-        rg = self.rows
-        rg.index[:Hb].copy_(to_device(index + [0] * pad, dev))
-        rg.partner[:Hb].copy_(to_device(partner + list(range(n, Hb)), dev))
-        rg.is_cond[:Hb].copy_(to_device(is_cond + [True] * pad, dev, torch.bool)[:, None, None])
-        rg.guided[:Hb].copy_(to_device(guided + [False] * pad, dev, torch.bool)[:, None, None])
-        rg.scale[:Hb].copy_(to_device(scale + [1.0] * pad, dev, torch.float32)[:, None, None])
+        pad, rg = list(range(n, Hb)), self.rows
+        rg.index[:Hb].copy_(to_device(index + [0] * len(pad), dev))
+        rg.cond_index[:Hb].copy_(to_device(c_idx + pad, dev))
+        rg.uncond_index[:Hb].copy_(to_device(u_idx + pad, dev))
+        rg.scale[:Hb].copy_(to_device(scale + [1.0] * len(pad), dev, torch.float32)[:, None, None])
         if self.noise.shape[0] < steps + 1:
             self.noise = torch.zeros(steps + 1, self.cache.rows, P, self.C, device=dev)
+            self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "head"}  # they read the old buffer
         noise = self.noise
         for st, a, g in spans:  # the reference's draw order, per request, before the loop
             off = f.head_offset(st, st.step)
