@@ -56,6 +56,7 @@ class ClassConditional(ModelFamily):
         self.hidden_size = self.cond_dim = cfg.dim
         self.prefill_block, self.time_shift, self.downsample = cfg.parallel_num, cfg.time_shift, cfg.downsample
         self.patch_side, self.device = cfg.patch_side, model.placement.device
+        self.sizes = serving.size_policy(cfg)  # the one size (``serving_for``)
 
     def prepare(self, req) -> Prepared:
         cfg = self.config
