@@ -107,3 +107,22 @@ def write_class_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> P
     torch.save({"state_dict": vae}, out / "ae_d16c32.pt")
     logger.info("random %s checkpoint (seed %d): %s + ae_d16c32.pt", preset, seed, path)
     return path
+
+
+def build_random_class_model(preset: str, device: str | None = None, dtype: str | None = None, seed: int = 0):
+    """A ``LoadedClassModel`` with random weights built in memory (no file; the autoencoder without its encoder,
+    as the loader keeps it), for benchmarks at the released shapes. Same distribution as the written files."""
+    from ..device import resolve
+    from .loader import LoadedClassModel, build_modules
+
+    p = CLASS_PRESETS[preset]
+    cfg = p.config()
+    placement = resolve(device, dtype)
+    gen = torch.Generator(device=placement.device).manual_seed(seed)
+    modules = build_modules(cfg)
+    for m in modules:
+        state = {k: _random_tensor(k, tuple(v.shape), False, gen, placement.dtype, placement.device)
+                 for k, v in m.state_dict(keep_vars=True).items()}
+        m.load_state_dict(state, strict=True, assign=True)
+        m.eval().requires_grad_(False)
+    return LoadedClassModel(cfg, placement, *modules, path=f"<random {preset}>", weights="model", vae_path=None)
