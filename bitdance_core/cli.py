@@ -2,6 +2,8 @@
 
     bitdance generate --prompt TEXT [--model DIR] [--height H --width W] [--steps S] [--guidance G]
                       [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T] --output OUT.png
+    bitdance generate --model FILE.pt --class-label L [--class-label L2 ...] [--seed N] [--steps S] [--guidance G]
+                      [--cfg-schedule linear|constant] [--vae AE.pt] [--model-args ARGS.json] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
     bitdance serve ...       (the HTTP server; ``server.cli``)
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
@@ -51,8 +53,17 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate images from a prompt into PNG files")
-    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model), or a "
+                                                 "class-conditional BitDance_*.pt file")
+    g.add_argument("--prompt", default=None, help="text (a class-conditional model: exactly an ImageNet class name)")
+    g.add_argument("--class-label", type=int, action="append", default=None, metavar="L",
+                   help="class-conditional models: an ImageNet label 0-999, once per image")
+    g.add_argument("--cfg-schedule", default=None, choices=["linear", "constant"],
+                   help="class-conditional models: guidance over the AR steps (default: linear, as the paper)")
+    g.add_argument("--vae", default=None, help="class-conditional models: the autoencoder .pt (default: "
+                                               "ae_d16c32.pt, or the only ae*.pt, beside the checkpoint)")
+    g.add_argument("--model-args", default=None, help="class-conditional models: architecture JSON when the file "
+                                                      "name, args and shapes cannot tell it")
     g.add_argument("--negative-prompt", default=None, help="text for the unconditional stream (default: none)")
     g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
                                                             "1024x1024 for the released models)")
@@ -70,7 +81,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
-    m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x")
+    m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x | "
+                                                   "imagenet-b-1x | imagenet-b-4x | imagenet-b-16x | imagenet-l-1x | "
+                                                   "imagenet-h-1x | imagenet-tiny | imagenet-tiny-1x | "
+                                                   "imagenet-tiny-16x")
     m.add_argument("--output", required=True, help="directory to write")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
@@ -90,6 +104,15 @@ def _generate(args: argparse.Namespace) -> int:
     from .resolutions import SizeError
     from .serving_config import ServingConfig
 
+    if args.model and Path(args.model).is_file():
+        from .imagenet.cli import generate_class_conditional
+
+        return generate_class_conditional(args, CLIError, output_paths)
+    if args.class_label:
+        raise CLIError("--class-label needs a class-conditional model (--model BitDance_*.pt); this is a "
+                       "text-to-image checkpoint")
+    if args.prompt is None:
+        raise CLIError("--prompt is required for a text-to-image model")
     model_dir = Path(args.model) if args.model else None
     if model_dir is None:
         from . import default_model_dir
@@ -153,9 +176,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoints import PRESETS, write_checkpoint
+    from .imagenet.checkpoints import CLASS_PRESETS, write_class_checkpoint
 
+    if args.preset in CLASS_PRESETS:
+        path = write_class_checkpoint(args.preset, args.output, seed=args.seed)
+        print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {path} (+ {path.parent / 'ae_d16c32.pt'})")
+        return 0
     if args.preset not in PRESETS:
-        raise CLIError(f"unknown preset {args.preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        names = sorted(PRESETS) + sorted(CLASS_PRESETS)
+        raise CLIError(f"unknown preset {args.preset!r}; choose one of {', '.join(names)}")
     if args.preset.startswith("14b"):
         print(f"note: preset {args.preset} writes about 37 GB; build_random_model() builds it on a device instead",
               file=sys.stderr)

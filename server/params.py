@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from bitdance_core.engine.protocol import ErrorCode, GenerationRequest
+from server.class_params import class_params, expand_labels, is_class_conditional, refuse_class_params
 from server.errors import APIError
 
 INVALID = ErrorCode.INVALID.value
@@ -47,7 +48,7 @@ def _check_size(info: dict[str, Any], width: int, height: int, field: str) -> No
 def build_request(
     info: dict[str, Any],
     *,
-    prompt: str,
+    prompt: str | None,
     negative_prompt: str | None,
     width: int | None,
     height: int | None,
@@ -60,9 +61,20 @@ def build_request(
     output_format: str | None,
     preview_every: int | None,
     return_tokens: bool = False,
+    class_label: int | list[int] | None = None,
+    cfg_schedule: str | None = None,
 ) -> GenerationRequest:
     """Apply the model's defaults and limits (422 on anything out of range; never clamps)."""
     limits, defaults = info["limits"], info["defaults"]
+    labels, schedule = None, "linear"
+    if is_class_conditional(info):
+        prompt, labels, num_images, schedule = class_params(
+            info, prompt=prompt, negative_prompt=negative_prompt, class_label=class_label, num_images=num_images,
+            num_images_field=num_images_field, cfg_schedule=cfg_schedule)
+    else:
+        refuse_class_params(class_label, cfg_schedule)
+        if prompt is None:
+            raise APIError(INVALID, "prompt is required", field="prompt")
     max_chars = int(limits.get("max_prompt_chars", 10_000))
     for field, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
         if text is not None and len(text) > max_chars:
@@ -72,7 +84,7 @@ def build_request(
                 field=field,
                 allowed={"max_chars": max_chars},
             )
-    if not prompt.strip():
+    if labels is None and not prompt.strip():
         raise APIError(INVALID, "prompt is empty", field="prompt")
     if (width is None) != (height is None):
         raise APIError(INVALID, "width and height must be given together", field="width" if width is None else "height")
@@ -98,6 +110,8 @@ def build_request(
         preview_every=preview_every,
         output_format=output_format or "png",
         return_tokens=return_tokens,
+        class_label=None if labels is None else expand_labels(labels, num_images),
+        cfg_schedule=schedule,
     )
 
 

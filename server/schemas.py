@@ -21,7 +21,12 @@ class GenerateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(..., min_length=1, description="What to draw.")
+    prompt: str | None = Field(None, min_length=1, description="What to draw (required for text-to-image models; "
+                               "on a class-conditional model, exactly an ImageNet class name).")
+    class_label: int | list[int] | None = Field(None, description="Class-conditional models: an ImageNet label "
+                                                "0-999, or one per image (num_images defaults to its length).")
+    cfg_schedule: Literal["linear", "constant"] | None = Field(None, description="Class-conditional models: "
+                                                               "guidance over the AR steps (default linear).")
     negative_prompt: str | None = Field(None, description="Replaces the unconditional (CFG) prompt.")
     width: int | None = Field(None, description="Image width; must form an allowed size with height.")
     height: int | None = Field(None, description="Image height; must form an allowed size with width.")

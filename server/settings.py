@@ -39,8 +39,13 @@ class Settings(BaseSettings):
 
     # --- model and workers -------------------------------------------------------------------
     model: str | None = Field(
-        None, description="Checkpoint directory (official BitDance layout). Default: the embedded demo model."
+        None, description="Checkpoint directory (official BitDance layout), or a class-conditional BitDance_*.pt "
+        "file (ImageNet). Default: the embedded demo model."
     )
+    vae: str | None = Field(None, description="Class-conditional models: the autoencoder .pt (default: ae_d16c32.pt, "
+                                              "or the only ae*.pt, beside the model file).")
+    model_args: str | None = Field(None, description="Class-conditional models: architecture JSON, for files whose "
+                                                     "name, args and tensor shapes cannot tell it.")
     devices: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["auto"],
         description="One model worker per entry: 'cpu', 'cuda', 'cuda:N', comma-separated "
@@ -166,6 +171,8 @@ class Settings(BaseSettings):
         return [
             WorkerConfig(
                 model_dir=self.resolved_model_dir(),
+                vae=os.path.abspath(self.vae) if self.vae else None,
+                model_args=os.path.abspath(self.model_args) if self.model_args else None,
                 device=dev,
                 dtype=self.dtype,
                 attention_backend=self.attention_backend,

@@ -27,7 +27,7 @@ import torch
 from ..models.kv_cache import KVCache
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
-from .family import family_for
+from .family import default_serving, family_for
 from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
@@ -54,7 +54,7 @@ class EngineConfig:
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None, serving: ServingConfig | None = None):
         self.model, self.config = model, config or EngineConfig()
-        self.serving = serving or ServingConfig.for_model(model.config)
+        self.serving = serving or default_serving(model)
         self._init_model()
         self._init_cache()
         self.requests: dict[str, RequestState] = {}
@@ -97,12 +97,15 @@ class Engine:
     def info(self) -> dict:
         cfg, s = self.model.config, self.serving
         h, w = s.default_size
-        return {**self.family.info(),
+        fam = self.family.info()
+        extra_defaults = fam.pop("defaults", {})  # e.g. the class-conditional cfg_schedule
+        return {**fam,
             "model": cfg.name, "model_dir": cfg.model_dir, "parallel_num": self.P, "downsample": cfg.downsample,
             "sizes": [list(x) for x in self.sizes.allowed()], "default_size": [h, w],
-            "defaults": {"steps": s.default_steps, "guidance_scale": s.default_guidance, "num_images": 1},
+            "defaults": {"steps": s.default_steps, "guidance_scale": s.default_guidance, "num_images": 1,
+                         **extra_defaults},
             "limits": s.limits.as_dict(), "device": str(self.device),
-            "dtype": str(self.model.llm.dtype).removeprefix("torch."),
+            "dtype": str(self.family.prior.dtype).removeprefix("torch."),
             "attention_backend": __import__("bitdance_core.attention", fromlist=["x"]).resolve_backend(self.device),
             "preview_every": self.preview_every_for(h, w), "preview_method": self.previews.method,
             "max_batch_requests": self.config.max_batch_requests, "max_waiting": self.config.max_waiting,

@@ -102,10 +102,20 @@ class Prepared:
     uncond_prefix: Any = None  # None without guidance
     uncond_len: int = 0
     uncond_key: Hashable | None = None  # shared unconditional-prefix cache key; equal keys = equal prefixes
+    cond_prefixes: tuple | None = None  # one hashable prefix per image when images differ (class labels)
 
     @property
     def uses_cfg(self) -> bool:
         return self.uncond_prefix is not None
+
+    def cond_groups(self, num_images: int) -> list[tuple[Any, list[int]]]:
+        """``(prefix, images with it)`` in first-seen order: the prefill computes each group's prefix once."""
+        if self.cond_prefixes is None:
+            return [(self.cond_prefix, list(range(num_images)))]
+        groups: dict = {}
+        for j, p in enumerate(self.cond_prefixes):
+            groups.setdefault(p, []).append(j)
+        return list(groups.items())
 
 
 class ModelFamily(ABC):
@@ -224,7 +234,23 @@ class TextToImage(ModelFamily):
         return unpatchify_tokens(tokens, h, w, self.patch_side)
 
 
-def family_for(model: LoadedModel, serving: ServingConfig) -> ModelFamily:
-    """The family of a loaded model (today only text-to-image; the class-conditional family
-    registers itself here)."""
+def default_serving(model) -> ServingConfig:
+    """A model's serving defaults when none are given (a class-conditional model has its own)."""
+    from ..imagenet.loader import LoadedClassModel
+
+    if isinstance(model, LoadedClassModel):
+        from ..imagenet.family import serving_for
+
+        return serving_for(model)
+    return ServingConfig.for_model(model.config)
+
+
+def family_for(model, serving: ServingConfig) -> ModelFamily:
+    """The family of a loaded model: class-conditional for a ``LoadedClassModel``, else text-to-image."""
+    from ..imagenet.loader import LoadedClassModel
+
+    if isinstance(model, LoadedClassModel):
+        from ..imagenet.family import ClassConditional
+
+        return ClassConditional(model, serving)
     return TextToImage(model, serving)

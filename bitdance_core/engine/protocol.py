@@ -49,7 +49,8 @@ class ErrorCode(str, enum.Enum):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One text-to-image request as the engine sees it (already validated by the API)."""
+    """One request as the engine sees it (already validated by the API): text-to-image, or class-conditional
+    (``class_label`` set, ``prompt`` the class name or empty)."""
 
     request_id: str
     prompt: str
@@ -60,6 +61,8 @@ class GenerationRequest:
     guidance_scale: float = 7.5  # <= 1 disables classifier-free guidance
     num_images: int = 1
     negative_prompt: str | None = None  # replaces the unconditional prompt when given
+    class_label: tuple[int, ...] | None = None  # class-conditional models: one label per image (prompt = names)
+    cfg_schedule: str = "linear"  # class-conditional models: linear (ramp from 1) | constant guidance
     preview_every: int | None = None  # AR steps between previews; None = engine default; 0 = none
     output_format: str = "png"  # png | jpeg | webp (final images, encoded by the worker)
     return_tokens: bool = False
@@ -124,6 +127,8 @@ class WorkerConfig:
     """Everything a worker process needs to start; built by the API process from its settings."""
 
     model_dir: str
+    vae: str | None = None  # class-conditional .pt models: the autoencoder file (None: found beside the model)
+    model_args: str | None = None  # class-conditional .pt models: architecture JSON when it cannot be inferred
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str | None = None  # None = policy (float32 on CPU, bfloat16 on CUDA)
     attention_backend: str = "auto"  # auto | sdpa | xformers

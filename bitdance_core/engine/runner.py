@@ -128,7 +128,7 @@ class Runner:
         pending: dict = {}  # uncond key -> slot computing it in this batch
         for st in batch:
             cache.reset(st.slots)
-            rows.append((st.cond_slots[0], st.prep.cond_prefix))
+            rows.extend((st.cond_slots[imgs[0]], p) for p, imgs in st.prep.cond_groups(st.num_images))
             key = st.prep.uncond_key
             if key in self.prefix_cache:
                 self.prefix_cache.move_to_end(key)  # used now: not the one evicted below
@@ -150,13 +150,15 @@ class Runner:
             while len(self.prefix_cache) > self.prefix_cache_entries:
                 self.prefix_cache.popitem(last=False)
         for st in batch:
-            B, src = st.num_images, st.cond_slots[0]
-            n = cache.lengths[src]
-            for dst in st.cond_slots[1:]:
-                cache.k[:, dst, :n] = cache.k[:, src, :n]
-                cache.v[:, dst, :n] = cache.v[:, src, :n]
-                cache.lengths[dst] = n
-                self.hidden[dst] = self.hidden[src]
+            B = st.num_images
+            for _, imgs in st.prep.cond_groups(B):
+                src = st.cond_slots[imgs[0]]
+                n = cache.lengths[src]
+                for dst in (st.cond_slots[j] for j in imgs[1:]):
+                    cache.k[:, dst, :n] = cache.k[:, src, :n]
+                    cache.v[:, dst, :n] = cache.v[:, src, :n]
+                    cache.lengths[dst] = n
+                    self.hidden[dst] = self.hidden[src]
             if st.prep.uses_cfg:
                 self.prefix_cache.move_to_end(st.prep.uncond_key)
                 k, v, h_u = self.prefix_cache[st.prep.uncond_key]

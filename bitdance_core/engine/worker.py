@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -114,6 +115,8 @@ class _Output:
             params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
                       "steps": req.steps, "guidance_scale": req.guidance_scale, "width": req.width,
                       "height": req.height, "model": self.model_name, **req.metadata}
+            if req.class_label is not None:
+                params.update(class_label=list(req.class_label), cfg_schedule=req.cfg_schedule)
         tokens = data["tokens"].numpy()
         want_tokens = req is not None and req.return_tokens
         images = [{"data": encode_image(img, fmt, params), "format": fmt,
@@ -147,9 +150,17 @@ def build_engine(config: WorkerConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     attention.set_backend(config.attention_backend)
-    model = load_model(config.model_dir, config.device, config.dtype)
-    sizes = [list(s) for s in config.sizes] if config.sizes else None
-    serving = ServingConfig.for_model(model.config, {"sizes": sizes})
+    if Path(config.model_dir).is_file():  # a class-conditional BitDance_*.pt
+        from ..imagenet.family import serving_for
+        from ..imagenet.loader import load_class_model
+
+        model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
+                                 model_args=config.model_args)
+        serving = serving_for(model)
+    else:
+        model = load_model(config.model_dir, config.device, config.dtype)
+        sizes = [list(s) for s in config.sizes] if config.sizes else None
+        serving = ServingConfig.for_model(model.config, {"sizes": sizes})
     engine = Engine(model, EngineConfig(max_batch_requests=config.max_batch_requests, max_waiting=config.max_waiting,
                                         kv_budget_bytes=config.kv_budget_bytes, preview_every=config.preview_every),
                     serving)

@@ -61,26 +61,26 @@ class TimestepEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, head_dim: int = HEAD_DIM):
         super().__init__()
-        self.heads = dim // HEAD_DIM
+        self.heads, self.head_dim = dim // head_dim, head_dim
         self.wqkv = nn.Linear(dim, 3 * dim)
         self.wo = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r, p, d = x.shape
-        q, k, v = self.wqkv(x).view(r, p, 3, self.heads, HEAD_DIM).unbind(2)
+        q, k, v = self.wqkv(x).view(r, p, 3, self.heads, self.head_dim).unbind(2)
         return self.wo(attention(q, k, v).reshape(r, p, d))
 
 
 class TransBlock(nn.Module):
-    def __init__(self, dim: int, use_swiglu: bool):
+    def __init__(self, dim: int, use_swiglu: bool, head_dim: int = HEAD_DIM):
         super().__init__()
         hidden = int(1.5 * dim)
         self.dim = dim
         self.use_swiglu = use_swiglu
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
-        self.attn = Attention(dim)
+        self.attn = Attention(dim, head_dim)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         if use_swiglu:
             self.w1 = nn.Linear(dim, 2 * hidden)

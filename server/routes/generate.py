@@ -84,6 +84,8 @@ async def generate(body: GenerateBody, request: Request) -> Response:
         output_format=output_format,
         preview_every=None if streaming else 0,
         return_tokens=body.return_tokens,
+        class_label=body.class_label,
+        cfg_schedule=body.cfg_schedule,
     )
     st = pool.submit(req)
     headers = {"X-Request-ID": req.request_id}

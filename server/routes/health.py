@@ -46,6 +46,9 @@ async def info(request: Request) -> dict[str, Any]:
     info = model_info(request)
     h, w = info["default_size"]
     return {
+        "kind": info.get("kind", "text-to-image"),
+        **{k: info[k] for k in ("num_classes", "class_names", "cfg_schedules") if k in info},
+        **({"size": f"{w}x{h}"} if info.get("kind") == "class-conditional" else {}),
         "model": info["model"],
         "model_dir": info.get("model_dir"),
         "version": bitdance_core.__version__,

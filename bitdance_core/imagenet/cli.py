@@ -1,0 +1,85 @@
+"""``bitdance generate --model BitDance_*.pt --class-label L ...``: the class-conditional branch of the CLI.
+
+Labels come from ``--class-label`` (once per image) or a ``--prompt`` that is exactly an ImageNet class name
+(``--num-images`` copies of it). One request: the labels share one seeded generator, drawn as the official
+sampler draws its batch. Defaults (steps 100, the released file's guidance, linear schedule) are the server's.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from ..config import CheckpointError
+from ..serving_config import InvalidRequest
+from .classes import class_names, label_for_prompt
+from .config import DEFAULT_STEPS
+
+
+def generate_class_conditional(args, CLIError, output_paths) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import ClassConditionalPipeline
+
+    if args.negative_prompt is not None:
+        raise CLIError("--negative-prompt does not apply to a class-conditional model (its unconditional stream is "
+                       "the null class)")
+    if args.height is not None or args.width is not None:
+        raise CLIError("a class-conditional model generates one size only (256x256); drop --height/--width")
+    try:
+        pipe = ClassConditionalPipeline.from_checkpoint(args.model, device=args.device, dtype=args.dtype,
+                                                        vae=args.vae, model_args=args.model_args)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot load {args.model}: {e}") from e
+    cfg = pipe.config
+    try:
+        if args.class_label:
+            if args.prompt is not None:
+                raise CLIError("give --class-label or --prompt, not both")
+            labels = list(args.class_label)
+            if args.num_images not in (1, len(labels)):
+                raise CLIError(f"--num-images {args.num_images} differs from the {len(labels)} --class-label values")
+        elif args.prompt is not None:
+            labels = [label_for_prompt(args.prompt, cfg.num_classes, field="--prompt")] * args.num_images
+        else:
+            raise CLIError("give --class-label L (an ImageNet label 0-999, once per image) or a --prompt that is "
+                           "exactly an ImageNet class name")
+    except InvalidRequest as e:
+        raise CLIError(str(e)) from e
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS
+    guidance = args.guidance if args.guidance is not None else cfg.default_guidance
+    schedule = args.cfg_schedule or "linear"
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
+    print(f"seed: {seed}", flush=True)
+    bar = None if args.no_progress else tqdm(desc="generating", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(step: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+    try:
+        out = pipe(labels, seed=seed, steps=steps, guidance_scale=guidance, cfg_schedule=schedule, callback=progress)
+    except InvalidRequest as e:
+        raise CLIError(str(e)) from e
+    finally:
+        if bar is not None:
+            bar.close()
+
+    from PIL.PngImagePlugin import PngInfo
+
+    names = class_names() if cfg.num_classes == 1000 else None
+    paths = output_paths(args.output, len(labels))
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for i, (img, path) in enumerate(zip(out.images, paths)):
+        params = {"class_label": labels[i], "class_name": names[labels[i]] if names else None, "seed": out.seed,
+                  "steps": steps, "guidance": guidance, "cfg_schedule": schedule, "width": cfg.image_size,
+                  "height": cfg.image_size, "model": cfg.name, "model_path": str(Path(args.model).resolve()),
+                  "index": i, "num_images": len(labels)}
+        info = PngInfo()
+        info.add_text("parameters", json.dumps(params))
+        img.save(path, pnginfo=info)
+        print(f"saved: {path}", flush=True)
+    return 0

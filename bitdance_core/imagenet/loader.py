@@ -1,0 +1,169 @@
+"""Strict loading of a released class-conditional checkpoint (``BitDance_{B,L,H}_{1,4,16}x.pt`` + ``ae_d16c32.pt``).
+
+* ``torch.load(weights_only=True, mmap=True)`` with only ``argparse.Namespace`` allow-listed (the released files'
+  ``args``); a file that needs anything else is refused with an error naming it, never fully unpickled.
+* Weights: ``"ema"`` when present, else ``"model"`` (as the official sampler).
+* Autoencoder: ``vae`` (``--vae FILE``), else ``ae_d16c32.pt`` beside the checkpoint, else the only ``ae*.pt``
+  beside it (``{"state_dict": ...}``); else the ``vae.*`` tensors inside the checkpoint. Only the decoder is kept.
+* Strict keys: a missing, unexpected or misshaped tensor is an error naming it. ``vae.*`` tensors of the
+  checkpoint are allowed and unused when a separate autoencoder file is loaded (the official code overrides them).
+* Memory: the file is memory-mapped; float32 tensors on CPU are adopted as they are (no copy), so the peak
+  resident size is about the weights kept, not the file (``model`` + ``ema`` + the encoder are never read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import CheckpointError
+from ..device import Placement, resolve
+from ..models.autoencoder import BinaryAutoencoder
+from .config import ClassModelConfig
+from .heads import ClassHead
+from .resolve import resolve_config
+from .transformer import ClassTransformer
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_GLOBALS = [argparse.Namespace]
+RELEASED_VAE = "ae_d16c32.pt"
+
+
+@dataclass
+class LoadedClassModel:
+    config: ClassModelConfig
+    placement: Placement
+    transformer: ClassTransformer
+    head: ClassHead
+    ae: BinaryAutoencoder
+    path: str
+    weights: str  # "ema" or "model"
+    vae_path: str | None  # None: the checkpoint's own vae.* tensors
+
+
+def load_pickle(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` and only ``argparse.Namespace`` allowed."""
+    if not path.is_file():
+        raise CheckpointError(f"no such checkpoint file: {path}")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path.name} needs more than plain tensors and argparse.Namespace to load, which "
+                              f"weights-only loading refuses (a full unpickle is never done): {e}") from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path.name}: not a readable torch.save file ({e})") from e
+
+
+def find_vae(ckpt: Path, vae: str | Path | None) -> Path | None:
+    if vae is not None:
+        p = Path(vae)
+        if not p.is_file():
+            raise CheckpointError(f"--vae {p}: no such file")
+        return p
+    beside = ckpt.parent / RELEASED_VAE
+    if beside.is_file():
+        return beside
+    cands = sorted(p for p in ckpt.parent.glob("ae*.pt") if p.is_file())
+    if len(cands) == 1:
+        return cands[0]
+    if len(cands) > 1:
+        raise CheckpointError(f"several autoencoder files beside {ckpt.name} ({', '.join(p.name for p in cands)}); "
+                              "give --vae FILE")
+    return None
+
+
+def _state_dict(obj: Any, path: Path, keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(obj, dict):
+        for k in keys:
+            if isinstance(obj.get(k), dict):
+                return obj[k], k
+    found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"{path.name}: expected a dict with {' or '.join(repr(k) for k in keys)}, found {found}")
+
+
+def _fmt(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def adopt(module: nn.Module, state: dict[str, torch.Tensor], placement: Placement, what: str, *,
+          prefix: str = "", allowed_extra: tuple[str, ...] = ()) -> None:
+    """Fill a meta-built module from ``state`` (keys ``prefix + name``) strictly; ``allowed_extra`` key
+    prefixes may be present and are skipped."""
+    expected = {prefix + k: v.shape for k, v in module.state_dict(keep_vars=True).items()}
+    present = {k for k in state if k.startswith(prefix)} if prefix else set(state)
+    missing = set(expected) - present
+    unexpected = {k for k in present - set(expected) if not k.startswith(allowed_extra)} if allowed_extra else \
+        present - set(expected)
+    if missing or unexpected:
+        parts = ([f"missing tensors: {_fmt(missing)}"] if missing else []) + \
+                ([f"unexpected tensors: {_fmt(unexpected)}"] if unexpected else [])
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise CheckpointError(f"{what}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
+    out = {}
+    for k in expected:
+        t = state[k]
+        if not torch.is_floating_point(t):
+            raise CheckpointError(f"{what}: tensor {k} has dtype {t.dtype}, expected a floating-point tensor")
+        out[k[len(prefix):]] = t.to(device=placement.device, dtype=placement.dtype).contiguous()
+    module.load_state_dict(out, strict=True, assign=True)
+    module.eval().requires_grad_(False)
+
+
+def build_modules(config: ClassModelConfig, device: str | torch.device = "meta"):
+    with torch.device(device):
+        transformer = ClassTransformer(config)
+        head = ClassHead(config.latent_dim, config.dim, config.diff_dim, config.diff_layers,
+                         config.diff_adanln_layers, parallel=config.parallel_num > 1, time_shift=config.time_shift)
+        ae = BinaryAutoencoder(dict(config.vae_ddconfig), with_encoder=False)
+    return transformer, head, ae
+
+
+def load_class_model(path: str | Path, device: str | None = None, dtype: str | None = None, *,
+                     vae: str | Path | None = None, model_args: str | Path | None = None) -> LoadedClassModel:
+    path = Path(path)
+    ckpt = load_pickle(path)
+    state, which = _state_dict(ckpt, path, ("ema", "model"))
+    args = ckpt.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
+    vae_path = find_vae(path, vae)
+    if vae_path is not None:
+        vae_state, _ = _state_dict(load_pickle(vae_path), vae_path, ("state_dict",))
+        vae_where = vae_path.name
+    else:
+        vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+        vae_where = f"{path.name} (vae.*)"
+        if not vae_state:
+            raise CheckpointError(f"no autoencoder: {path.name} holds no vae.* tensors and there is no "
+                                  f"{RELEASED_VAE} beside it; give --vae FILE")
+    config = resolve_config(path, state, args, vae_state, vae_where, Path(model_args) if model_args else None)
+    placement = resolve(device, dtype)
+    transformer, head, ae = build_modules(config)
+    what = f"{path.name} [{which}]"
+    model_keys = {k: v for k, v in state.items() if not k.startswith(("head.", "vae."))}
+    adopt(transformer, model_keys, placement, what)
+    adopt(head, state, placement, what, prefix="head.")
+    adopt(ae, vae_state, placement, vae_where, allowed_extra=("encoder.",))
+    del ckpt, state, vae_state
+    n = sum(p.numel() for m in (transformer, head) for p in m.parameters())
+    logger.info("loaded %s (%s weights, %s, P=%d): %.1fM parameters + autoencoder from %s on %s (%s)", config.name,
+                which, config.kind, config.parallel_num, n / 1e6, vae_where, placement.device, placement.dtype)
+    logger.info("architecture sources: %s", config.sources)
+    return LoadedClassModel(config, placement, transformer, head, ae, str(path), which,
+                            str(vae_path) if vae_path else None)
