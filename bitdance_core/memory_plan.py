@@ -184,9 +184,11 @@ def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
     return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
 
 
-def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int) -> tuple[int, int]:
-    """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``);
-    returns (peak_prefill_bytes, peak_step_bytes) beyond weights and KV."""
+def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int, *,
+                  fast_forward: bool = True) -> dict[str, int]:
+    """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``); returns the bytes
+    beyond weights and KV: {"prefill", "step" (worst of AR steps and the final decode), "ar_step", "decode"
+    (the decode's own transient)}. ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys)."""
     from .engine.engine import Engine
     from .engine.protocol import GenerationRequest
 
@@ -212,15 +214,21 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
         live.reset_peak()
         _step(engine)  # admission: one prefill of all N, then AR step 1
         peaks["prefill"] = live.peak
-        peaks["step"] = 0
+        steps = []
         if total > 2:
             live.reset_peak()
             _step(engine)  # AR step 2
-            peaks["step_first"] = live.peak
-            _fast_forward(engine, total - 4)
+            steps.append(live.peak)
+            for _ in range(total - 4 if not fast_forward else 0):  # (tests: every step)
+                live.reset_peak()
+                _step(engine)
+                steps.append(live.peak)
+            if fast_forward:
+                _fast_forward(engine, total - 4)
             live.reset_peak()
             _step(engine)  # AR step T-1: the longest keys a prior forward sees
-            peaks["step"] = max(peaks["step_first"], live.peak)
+            steps.append(live.peak)
+        peaks["ar_step"] = peaks["step"] = max(steps, default=0)
         # the last step: its head as above, no prior forward, then the decode of one decode batch
         base = live.reset_peak()
         gh, gw = engine.sizes.grid(h, w)
