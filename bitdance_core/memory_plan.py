@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 RESERVED_FIXED = 1 << 30  # CUDA context + cuBLAS / attention workspaces + kernel images
 RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
+MAX_PLANNED_REQUESTS = 512  # the solve's upper bound (a plan of a huge device stays quick)
 PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
 JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
              "peak_prefill_bytes", "peak_step_bytes", "reserved_bytes", "max_concurrent_requests", "fits",
@@ -248,10 +249,13 @@ def _fast_forward(engine, steps: int) -> None:
     if steps <= 0:
         return
     P = engine.P
+    starts = getattr(getattr(engine, "runner", None), "buf", None)
     for st in engine.requests.values():
         st.step += steps
         for s in st.slots:
             engine.cache.lengths[s] += steps * P
+            if starts is not None:  # the runner's device-side mirror of the lengths
+                starts.starts[s] += steps * P
 
 
 def _step(engine) -> None:
@@ -264,7 +268,7 @@ def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = No
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
     growing with N. ``peaks(n) -> (prefill, step)``. Returns (N, peak_prefill(N), peak_step(N)); N = 0 when
     not even one request fits (the peaks are then those of one request)."""
-    n0 = max(1, available_bytes // kv_per_request)
+    n0 = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS))
     if cap is not None:
         n0 = min(n0, cap)
     n1 = max(0, (available_bytes - max(peaks(n0))) // kv_per_request)

@@ -136,3 +136,51 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """±1 tokens (``sign``; an exact 0 stays 0 as in the reference, with negligible probability)."""
     return torch.sign(x)
+
+
+@dataclass
+class RowGuidance:
+    """Per-row guidance of a fixed-shape sampler call (persistent device buffers, one entry per row).
+
+    Row ``r`` steps with ``v[u] + scale (v[c] - v[u])``, ``c = cond_index[r]``, ``u = uncond_index[r]``.
+    A guided cond/uncond pair (whose rows carry the same state) both point at the pair's rows; an
+    unguided row points at itself twice, which gives its own ``v`` exactly (``v + s * 0``), so
+    one formula without a branch or mask serves every row. ``index`` maps packed rows to KV slots
+    (used by the runner, not by the sampler)."""
+
+    index: torch.Tensor  # (R,) long
+    cond_index: torch.Tensor  # (R,) long
+    uncond_index: torch.Tensor  # (R,) long
+    scale: torch.Tensor  # (R, 1, 1) float32
+
+    def slice(self, n: int) -> RowGuidance:
+        return RowGuidance(self.index[:n], self.cond_index[:n], self.uncond_index[:n], self.scale[:n])
+
+
+def sample_rows(
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
+    noise: torch.Tensor,
+    rows: RowGuidance,
+    sch: Schedule,
+) -> torch.Tensor:
+    """Fixed-shape Euler–Maruyama over ``R`` rows; returns the float32 state ``(R, P, C)``.
+
+    ``noise`` ``(S + 1, R, P, C)`` holds every draw of the loop (the initial state first), already
+    drawn in the reference's order; a guided pair's rows carry the same noise, so their states stay
+    bit-identical and the arithmetic per element is the reference's (:func:`euler_maruyama`).
+    No host sync and no data-dependent shape: the loop can be captured as one CUDA graph.
+    """
+    steps = noise.shape[0] - 1
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        v = (predict(x, i).float() - x) / sch.denom[i]
+        v_c, v_u = v.index_select(0, rows.cond_index), v.index_select(0, rows.uncond_index)
+        return v_u + rows.scale * (v_c - v_u)
+
+    x = noise[0]
+    for i in range(steps):
+        v = velocity(x, i)
+        score = (sch.t[i] * v - x) / sch.var[i]
+        drift = v + sch.one_minus_t[i] * score
+        x = x + drift * sch.dt[i] + sch.noise_scale[i] * noise[i + 1]
+    return x + velocity(x, steps) * LAST_STEP
