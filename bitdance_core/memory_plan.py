@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 RESERVED_FIXED = 1 << 30  # CUDA context + cuBLAS / attention workspaces + kernel images
 RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
-MAX_PLANNED_REQUESTS = 512  # the solve's upper bound (a plan of a huge device stays quick)
+MAX_PLANNED_REQUESTS = 256  # the solve's upper bound (a plan of a huge device stays quick)
 PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
 JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
              "peak_prefill_bytes", "peak_step_bytes", "reserved_bytes", "max_concurrent_requests", "fits",
@@ -200,8 +200,9 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
                   preview_every=0, preview_method="full")
     engine = Engine(model, cfg, serving)
     limit = serving.limits.max_prompt_tokens
-    prompt = _longest_text(engine.prompts, limit, "a photo of ")
-    negative = _longest_text(engine.prompts, limit - 2, "blurry ")
+    prompts = engine.family.prompts
+    prompt = _longest_text(prompts, limit, "a photo of ")
+    negative = _longest_text(prompts, limit - 2, "blurry ")
     h, w = size
     guidance = max(serving.default_guidance, 1.5)
     distinct = max(1, engine_config.prefix_cache_entries)  # NOTE: more in one prefill would evict entries in use
@@ -266,17 +267,26 @@ def _step(engine) -> None:
 
 def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
-    growing with N. ``peaks(n) -> (prefill, step)``. Returns (N, peak_prefill(N), peak_step(N)); N = 0 when
-    not even one request fits (the peaks are then those of one request)."""
-    n0 = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS))
-    if cap is not None:
-        n0 = min(n0, cap)
-    n1 = max(0, (available_bytes - max(peaks(n0))) // kv_per_request)
-    n = min(n0, n1)
-    prefill, step = peaks(max(n, 1))
-    if n == 0 or n * kv_per_request + max(prefill, step) > available_bytes:
+    growing with N. ``peaks(n) -> (prefill, step)``, each call a measured run, so the search is a secant
+    on a peak that is close to linear in N, then checked: 3 to 4 runs. Returns (N, peak_prefill(N),
+    peak_step(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
+    def fits(n: int) -> bool:
+        return n * kv_per_request + max(peaks(n)) <= available_bytes
+
+    hi = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS, cap or MAX_PLANNED_REQUESTS))
+    if fits(hi):
+        return hi, *peaks(hi)
+    if hi == 1 or not fits(1):
         return 0, *peaks(1)
-    return n, prefill, step
+    p1, p_hi = max(peaks(1)), max(peaks(hi))
+    slope = (p_hi - p1) / (hi - 1)
+    n = int((available_bytes - p1 + slope) // (kv_per_request + slope))
+    n = min(max(n, 1), hi - 1)
+    while n > 1 and not fits(n):
+        n -= 1
+    while n + 1 < hi and fits(n + 1):
+        n += 1
+    return n, *peaks(n)
 
 
 def _solve_fake(config: ModelConfig, tokenizer, dtype: torch.dtype, serving: ServingConfig, engine_config,
