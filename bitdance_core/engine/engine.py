@@ -32,6 +32,7 @@ from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
 from .runner import Runner
+from .faults import on_step_error, prefill_isolating
 from .scheduler import Scheduler, SchedulerConfig, Ticket
 
 logger = logging.getLogger(__name__)
@@ -180,18 +181,14 @@ class Engine:
                     st.slots, st.started = a.slots, time.monotonic()
                     self._positions.pop(st.id, None)
                     events.append(EngineEvent(st.id, EventKind.STARTED, {"queue_s": st.started - st.arrival}))
-                self.runner.prefill(admitted)
+                events.extend(prefill_isolating(self, self.runner.prefill, admitted))
+                running = [st for st in running if st.id in self.requests]
                 phases["prefill"] = self._tick() - t0
             if running:
                 phases.update(self.runner.step(running, self._tick))
                 self._update(running, events, phases)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
-            logger.exception("engine step failed; failing %d running requests", len(running))
-            for st in running:
-                self.requests.pop(st.id, None)
-                self.scheduler.cancel(st.id)
-                events.append(EngineEvent(st.id, EventKind.FAILED, {"code": ErrorCode.INTERNAL.value,
-                                                                    "message": f"generation failed: {e}"}))
+        except Exception as e:  # noqa: BLE001 - the fault ladder: fatal (raises EngineDead), OOM, this batch
+            events.extend(on_step_error(self, e, [st for st in running if st.id in self.requests]))
         for rid in self.scheduler.waiting_ids():  # queue positions that moved
             pos = self.scheduler.queue_position(rid)
             if self._positions.get(rid) != pos:

@@ -44,6 +44,7 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"  # per-request deadline passed (HTTP 504)
     WORKER_DIED = "worker_died"  # the worker process died mid-request (HTTP 503)
     SHUTTING_DOWN = "shutting_down"  # draining, no new work (HTTP 503)
+    OUT_OF_MEMORY = "out_of_memory"  # the step ran out of device memory; the worker goes on (HTTP 503)
     INTERNAL = "internal_error"  # anything else (HTTP 500)
 
 

@@ -80,6 +80,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
+        self._max_batch = config.max_batch_requests  # lowered by the engine after an out-of-memory
         self._waiting: OrderedDict[str, Ticket] = OrderedDict()
         self._running: dict[str, tuple[int, ...]] = {}  # insertion order = admission order
         self._free: list[int] = list(range(config.total_rows))  # a min-heap of free slots
@@ -123,7 +124,7 @@ class Scheduler:
         """Admit waiting requests in strict FIFO order while the head fits (enough free rows
         and fewer than ``max_batch_requests`` running); stop at the first one that does not."""
         admitted: list[Admitted] = []
-        while self._waiting and len(self._running) < self.config.max_batch_requests:
+        while self._waiting and len(self._running) < self._max_batch:
             rid, ticket = next(iter(self._waiting.items()))
             if ticket.rows > len(self._free):
                 break
@@ -136,6 +137,17 @@ class Scheduler:
     def _release(self, request_id: str) -> None:
         for slot in self._running.pop(request_id):
             heapq.heappush(self._free, slot)
+
+    @property
+    def max_batch_requests(self) -> int:
+        """The admission limit now (``config.max_batch_requests`` unless lowered)."""
+        return self._max_batch
+
+    def set_max_batch_requests(self, n: int) -> None:
+        """Change the admission limit (1 .. ``config.max_batch_requests``); running requests are kept."""
+        if not 1 <= n <= self.config.max_batch_requests:
+            raise ValueError(f"max_batch_requests must be in 1..{self.config.max_batch_requests}, got {n}")
+        self._max_batch = n
 
     # -- inspection ----------------------------------------------------------------------------
 
