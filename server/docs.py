@@ -278,6 +278,7 @@ def patch_schema(schema: dict[str, Any], info: dict[str, Any], aliases: list[str
         ]
     model = comps.get("OpenAIImageBody")
     if model is not None:
+        model.update(copy.deepcopy(OPENAI_BODY_RULES))
         props = model["properties"]
         _set_limits(props, info, "n")
         size = _string_schema(props.get("size"))
@@ -288,6 +289,28 @@ def patch_schema(schema: dict[str, Any], info: dict[str, Any], aliases: list[str
         if mdl is not None:
             mdl["enum"] = [info["model"], *aliases]
     return out
+
+
+# cross-field rules of the OpenAI body, stated in its schema (refused with 400 otherwise)
+OPENAI_BODY_RULES: dict[str, Any] = {
+    "allOf": [
+        {  # output_compression needs a lossy format
+            "anyOf": [
+                {"properties": {"output_compression": {"type": "null"}}},
+                {
+                    "required": ["output_compression", "output_format"],
+                    "properties": {"output_format": {"enum": ["jpeg", "webp"]}},
+                },
+            ]
+        },
+        {  # quality maps to a step count: not with an explicit steps
+            "anyOf": [
+                {"properties": {"quality": {"enum": ["auto", None]}}},
+                {"properties": {"steps": {"type": "null"}}},
+            ]
+        },
+    ]
+}
 
 
 def install_openapi(app: FastAPI, info_of: Any, aliases: list[str]) -> None:
