@@ -15,7 +15,6 @@ worker exits by itself if its parent dies.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import queue
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..png_metadata import image_parameters
 from .protocol import (
     Cancel,
     ErrorCode,
@@ -49,26 +49,20 @@ def encode_image(array: np.ndarray, fmt: str, params: dict | None = None, qualit
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
+    from ..png_metadata import png_text
+
     img = Image.fromarray(array)
     buf = io.BytesIO()
     kw: dict = {}
     if fmt == "png" and params:
         info = PngInfo()
-        info.add_text("parameters", _a1111_parameters(params))
-        info.add_text("bitdance", json.dumps(params, sort_keys=True))
+        for key, value in png_text(params).items():
+            info.add_text(key, value)
         kw["pnginfo"] = info
     elif fmt in ("jpeg", "jpg", "webp"):
         kw["quality"] = 90 if quality is None else int(quality)
     img.save(buf, format=_PIL_FORMAT[fmt], **kw)
     return buf.getvalue()
-
-
-def _a1111_parameters(p: dict) -> str:
-    text = p["prompt"]
-    if p.get("negative_prompt"):
-        text += f"\nNegative prompt: {p['negative_prompt']}"
-    return (f"{text}\nSteps: {p['steps']}, CFG scale: {p['guidance_scale']}, Seed: {p['seed']}, "
-            f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
 
 
 def pack_tokens(tokens) -> bytes:
@@ -115,13 +109,14 @@ class _Output:
         fmt = req.output_format if req is not None else "png"
         params = None
         if req is not None:
-            params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
-                      "steps": req.steps, "guidance_scale": req.guidance_scale, "width": req.width,
-                      "height": req.height, "model": self.model_name, **req.metadata}
+            params = image_parameters(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                                      steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
+                                      height=req.height, model=self.model_name, num_images=req.num_images,
+                                      **req.metadata)
         tokens = data["tokens"].numpy()
         want_tokens = req is not None and req.return_tokens
         quality = getattr(req, "output_compression", None)
-        images = [{"data": encode_image(img, fmt, params, quality), "format": fmt,
+        images = [{"data": encode_image(img, fmt, params and {**params, "index": i}, quality), "format": fmt,
                    "tokens": pack_tokens(tokens[i]) if want_tokens else None}
                   for i, img in enumerate(data["images"])]
         return {"seed": data["seed"], "width": data["width"], "height": data["height"], "images": images,
