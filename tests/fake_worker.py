@@ -20,7 +20,6 @@ than ``max_prompt_tokens`` words fails as the first event (``invalid_request``, 
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import random
@@ -45,6 +44,7 @@ from bitdance_core.engine.protocol import (
     WorkerFatal,
     WorkerReady,
 )
+from bitdance_core.png_metadata import image_parameters, png_text
 
 DOWNSAMPLE, PARALLEL_NUM, BITS = 16, 4, 16
 SIZES = [[64, 64], [64, 128], [128, 64], [128, 128], [256, 256]]
@@ -236,23 +236,25 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
 def _completed(job: Job, model: str) -> dict[str, Any]:
     req = job.req
     n_tokens = (req.height // DOWNSAMPLE) * (req.width // DOWNSAMPLE)
-    params = {
-        "prompt": req.prompt,
-        "seed": req.seed,
-        "steps": req.steps,
-        "guidance_scale": req.guidance_scale,
-        "width": req.width,
-        "height": req.height,
-        "model": model,
+    params = image_parameters(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        seed=req.seed,
+        steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        width=req.width,
+        height=req.height,
+        model=model,
+        num_images=req.num_images,
         **req.metadata,
-    }
+    )
     images = []
     for k in range(req.num_images):
         img = Image.new("RGB", (req.width, req.height), _colour(req.seed, 1000 + k))
         tokens = random.Random(req.seed + k).randbytes(n_tokens * BITS // 8) if req.return_tokens else None
         images.append(
             {
-                "data": _encode(img, req.output_format, {"parameters": json.dumps(params)}, req.output_compression),
+                "data": _encode(img, req.output_format, png_text({**params, "index": k}), req.output_compression),
                 "format": req.output_format,
                 "tokens": tokens,
             }

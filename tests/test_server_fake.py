@@ -172,7 +172,7 @@ def test_generate_json_with_tokens_and_png_parameters(client: httpx.Client) -> N
         assert len(decode_b64(image["tokens"])) == 4 * 8 * 16 // 8
         png = Image.open(io.BytesIO(decode_b64(image["b64_json"])))
         assert png.format == "PNG" and png.size == (128, 64)
-        params = json.loads(png.text["parameters"])
+        params = json.loads(png.text["bitdance"])
         assert params["prompt"] == "a red cube" and params["seed"] == 7
 
 
