@@ -19,7 +19,6 @@ server) happen inside the subcommands, so ``bitdance --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import secrets
 import sys
@@ -145,17 +144,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from PIL.PngImagePlugin import PngInfo
 
+    from .png_metadata import image_parameters, png_text
+
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = {
-            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": out.seed, "steps": steps,
-            "guidance": guidance, "width": width, "height": height, "size": f"{width}x{height}",
-            "model": pipe.config.name, "model_dir": str(Path(model_dir).resolve()), "index": i,
-            "num_images": args.num_images,
-        }
+        params = image_parameters(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=out.seed,
+                                  steps=steps, guidance_scale=guidance, width=width, height=height,
+                                  model=pipe.config.name, index=i, num_images=args.num_images)
         info = PngInfo()
-        info.add_text("parameters", json.dumps(params))
+        for key, value in png_text(params).items():  # the server's format: no local paths
+            info.add_text(key, value)
         img.save(path, pnginfo=info)
         print(f"saved: {path}", flush=True)
     return 0

@@ -13,6 +13,7 @@ Flow::
     API  <--WorkerReady(info)---------   worker      (after load + warm-up; readiness)
     API  <--RequestEvent(id, kind, data) worker      (queued, started, progress, preview, completed, failed)
     API  <--StepStats(...)------------   worker      (one per engine step, for metrics)
+    API  <--Heartbeat(...)------------   worker      (from the loop: every ~0.5 s with work, ~2 s idle)
     API  <--WorkerFatal(message)------   worker      (then the worker exits non-zero)
 
 Every accepted request ends with exactly one ``completed`` or ``failed`` event.
@@ -64,6 +65,7 @@ class GenerationRequest:
     preview_every: int | None = None  # AR steps between previews; None = engine default; 0 = none
     output_format: str = "png"  # png | jpeg | webp (final images, encoded by the worker)
     return_tokens: bool = False
+    output_compression: int | None = None  # jpeg/webp encoder quality 0..100 (None = encoder default)
     metadata: dict[str, str] = field(default_factory=dict)  # extra PNG text chunk entries
 
 
@@ -107,6 +109,18 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Sent by the worker's own loop (never a side thread), so silence means the loop is stuck."""
+
+    worker_index: int
+    busy: bool  # the engine has requests
+    requests: int  # requests the engine holds (waiting + running)
+    used_rows: int  # KV rows in use now
+    cancelled: int  # requests dropped by ``Cancel`` since the worker started
+    freed_rows: int  # KV rows those cancels released (the engine's own count)
+
+
+@dataclass(frozen=True)
 class WorkerFatal:
     worker_index: int
     message: str
@@ -117,6 +131,7 @@ class WorkerFatal:
 #    "images": [{"data": bytes, "format": "png"|"jpeg"|"webp",
 #                "tokens": bytes | None}],          # packed bits (np.packbits of (N, C) 0/1, big-endian bit order)
 #    "token_shape": [N, C],
+#    "prompt_tokens": int,                            # tokens of the (user) prompt, for OpenAI usage
 #    "timings": {"queue_s": float, "generation_s": float}}
 
 
@@ -137,3 +152,4 @@ class WorkerConfig:
     warmup: bool = True
     worker_index: int = 0
     threads: int | None = None  # torch intra-op threads on CPU
+    interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default

@@ -15,7 +15,6 @@ worker exits by itself if its parent dies.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import queue
@@ -26,10 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..png_metadata import image_parameters
 from .protocol import (
     Cancel,
     ErrorCode,
     EventKind,
+    Heartbeat,
     RequestEvent,
     Shutdown,
     StepStats,
@@ -40,33 +41,28 @@ from .protocol import (
 )
 
 logger = logging.getLogger(__name__)
+HEARTBEAT_BUSY_S, HEARTBEAT_IDLE_S = 0.5, 2.0
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
-def encode_image(array: np.ndarray, fmt: str, params: dict | None = None) -> bytes:
+def encode_image(array: np.ndarray, fmt: str, params: dict | None = None, quality: int | None = None) -> bytes:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
+
+    from ..png_metadata import png_text
 
     img = Image.fromarray(array)
     buf = io.BytesIO()
     kw: dict = {}
     if fmt == "png" and params:
         info = PngInfo()
-        info.add_text("parameters", _a1111_parameters(params))
-        info.add_text("bitdance", json.dumps(params, sort_keys=True))
+        for key, value in png_text(params).items():
+            info.add_text(key, value)
         kw["pnginfo"] = info
     elif fmt in ("jpeg", "jpg", "webp"):
-        kw["quality"] = 90
+        kw["quality"] = 90 if quality is None else int(quality)
     img.save(buf, format=_PIL_FORMAT[fmt], **kw)
     return buf.getvalue()
-
-
-def _a1111_parameters(p: dict) -> str:
-    text = p["prompt"]
-    if p.get("negative_prompt"):
-        text += f"\nNegative prompt: {p['negative_prompt']}"
-    return (f"{text}\nSteps: {p['steps']}, CFG scale: {p['guidance_scale']}, Seed: {p['seed']}, "
-            f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
 
 
 def pack_tokens(tokens) -> bytes:
@@ -77,10 +73,11 @@ def pack_tokens(tokens) -> bytes:
 class _Output:
     """One output thread: encodes and sends in submission order (per-request order is kept)."""
 
-    def __init__(self, outbox, model_name: str):
-        self.outbox, self.model_name = outbox, model_name
+    def __init__(self, outbox, model_name: str, worker_index: int = 0):
+        self.outbox, self.model_name, self.worker_index = outbox, model_name, worker_index
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitdance-output")
         self.requests: dict[str, object] = {}
+        self.prompt_tokens: dict[str, int] = {}
 
     def send(self, msg) -> None:
         self.pool.submit(self.outbox.put, msg)
@@ -100,6 +97,7 @@ class _Output:
                 data = self._completed(req, data)
             if ev.kind in (EventKind.COMPLETED, EventKind.FAILED):
                 self.requests.pop(ev.request_id, None)
+                self.prompt_tokens.pop(ev.request_id, None)
             self.outbox.put(RequestEvent(ev.request_id, ev.kind, data))
         except Exception as e:  # noqa: BLE001 - an encoding failure must still end the request
             logger.exception("output failed for %s", ev.request_id)
@@ -111,16 +109,19 @@ class _Output:
         fmt = req.output_format if req is not None else "png"
         params = None
         if req is not None:
-            params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
-                      "steps": req.steps, "guidance_scale": req.guidance_scale, "width": req.width,
-                      "height": req.height, "model": self.model_name, **req.metadata}
+            params = image_parameters(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                                      steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
+                                      height=req.height, model=self.model_name, num_images=req.num_images,
+                                      **req.metadata)
         tokens = data["tokens"].numpy()
         want_tokens = req is not None and req.return_tokens
-        images = [{"data": encode_image(img, fmt, params), "format": fmt,
+        quality = getattr(req, "output_compression", None)
+        images = [{"data": encode_image(img, fmt, params and {**params, "index": i}, quality), "format": fmt,
                    "tokens": pack_tokens(tokens[i]) if want_tokens else None}
                   for i, img in enumerate(data["images"])]
         return {"seed": data["seed"], "width": data["width"], "height": data["height"], "images": images,
-                "token_shape": list(tokens.shape[1:]), "timings": data["timings"]}
+                "token_shape": list(tokens.shape[1:]), "timings": data["timings"],
+                "prompt_tokens": self.prompt_tokens.get(req.request_id, 0) if req is not None else 0}
 
 
 def _watch_parent() -> None:
@@ -146,6 +147,11 @@ def build_engine(config: WorkerConfig):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if getattr(config, "interop_threads", None):
+        try:
+            torch.set_num_interop_threads(config.interop_threads)
+        except RuntimeError:  # already set (in-process benchmarks): keep what runs
+            logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
     attention.set_backend(config.attention_backend)
     model = load_model(config.model_dir, config.device, config.dtype)
     sizes = [list(s) for s in config.sizes] if config.sizes else None
@@ -168,7 +174,7 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         logger.exception("worker %d failed to start", config.worker_index)
         outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
         sys.exit(1)
-    out = _Output(outbox, engine.model.config.name)
+    out = _Output(outbox, engine.model.config.name, config.worker_index)
     out.send(WorkerReady(config.worker_index, engine.info()))
     run_loop(engine, inbox, out)
     out.pool.shutdown(wait=True)
@@ -179,6 +185,8 @@ def run_loop(engine, inbox, out: _Output) -> None:
     from ..serving_config import InvalidRequest
 
     draining = False
+    cancelled = freed_rows = 0
+    last_beat = 0.0
     while True:
         # 1) drain the inbox; block only when there is nothing to step
         msgs = []
@@ -197,13 +205,17 @@ def run_loop(engine, inbox, out: _Output) -> None:
                 out.requests[rid] = msg.request
                 try:
                     out.event(engine.add_request(msg.request))
+                    out.prompt_tokens[rid] = _count_tokens(engine, msg.request.prompt)
                 except InvalidRequest as e:
                     ev = _failed(rid, e.code, str(e))
                     ev.data["field"] = e.field
                     out.event(ev)
             elif isinstance(msg, Cancel):
+                used = engine.scheduler.used_rows
                 ev = engine.cancel(msg.request_id)
                 if ev is not None:
+                    cancelled += 1
+                    freed_rows += used - engine.scheduler.used_rows
                     out.event(ev)
             elif isinstance(msg, Shutdown) or msg is None:
                 draining = True
@@ -221,6 +233,20 @@ def run_loop(engine, inbox, out: _Output) -> None:
                                kv_usage=engine.scheduler.kv_usage()))
         elif draining:
             return
+        # 3) heartbeat from this loop: its silence is how the API process detects a stuck worker
+        now = time.monotonic()
+        if now - last_beat >= (HEARTBEAT_BUSY_S if engine.has_work() else HEARTBEAT_IDLE_S):
+            last_beat = now
+            out.send(Heartbeat(out.worker_index, engine.has_work(), len(engine.requests),
+                               engine.scheduler.used_rows, cancelled, freed_rows))
+
+
+def _count_tokens(engine, text: str) -> int:
+    try:
+        return int(engine.prompts.count_user_tokens(text))
+    except Exception:  # noqa: BLE001 - usage reporting must never fail a request
+        logger.exception("could not count prompt tokens")
+        return 0
 
 
 def _failed(request_id: str, code, message: str):
