@@ -175,6 +175,8 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    import json
+
     from .config import CheckpointError
     from .memory_plan import parse_bytes, plan_dir, plan_preset
 

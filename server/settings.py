@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bitdance_core.engine.engine_config import DEFAULTS as ENGINE
 from bitdance_core.engine.protocol import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -57,19 +58,29 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="Attention kernels in the worker."
     )
+    # engine knobs: the defaults are EngineConfig's (bitdance_core/engine/engine_config.py), never repeated here
     kv_budget_bytes: int | None = Field(
-        None, ge=1, description="KV-cache budget per worker in bytes; default: derived from free memory."
+        ENGINE.kv_budget_bytes,
+        ge=1,
+        description="KV-cache budget per worker in bytes; default: the memory plan on CUDA (see `bitdance plan`), "
+        "1 GiB on CPU.",
     )
-    max_batch_requests: int = Field(16, ge=1, description="Most requests batched in one engine step.")
+    max_batch_requests: int = Field(
+        ENGINE.max_batch_requests, ge=1, description="Most requests batched in one engine step."
+    )
     max_queue: int = Field(
-        64,
+        ENGINE.max_waiting,
         ge=0,
         description="Requests allowed to wait per worker beyond the running batch; more in flight -> 429.",
     )
     preview_every: int | None = Field(
-        None,
+        ENGINE.preview_every,
         ge=0,
         description="Default AR steps between streamed previews (0 = none); default: about 8 per image.",
+    )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        ENGINE.cuda_graphs,  # type: ignore[arg-type]
+        description="CUDA graphs for the head's sampler loop and the prior step: auto (on for CUDA), on, off.",
     )
     sizes: Annotated[list[str], NoDecode] | None = Field(
         None,
@@ -205,6 +216,7 @@ class Settings(BaseSettings):
                 max_waiting=self.max_queue,
                 kv_budget_bytes=self.kv_budget_bytes,
                 preview_every=self.preview_every,
+                cuda_graphs=self.cuda_graphs,
                 sizes=self.sizes_hw(),
                 warmup=self.warmup,
                 worker_index=i,

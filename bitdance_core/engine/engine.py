@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,30 +26,18 @@ import torch
 from ..models.kv_cache import KVCache
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
+from .engine_config import EngineConfig
 from .family import family_for
+from .faults import EngineDead, on_step_error, prefill_isolating
 from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
 from .runner import Runner
-from .faults import on_step_error, prefill_isolating
 from .scheduler import Scheduler, SchedulerConfig, Ticket
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when not configured
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_requests: int = 16
-    max_waiting: int = 64
-    kv_budget_bytes: int | None = None  # None: 90% of free memory on CUDA (after weights), 1 GiB on CPU
-    preview_every: int | None = None  # None: about 8 previews per image
-    preview_method: str = "auto"  # auto | full | linear
-    prefix_cache_entries: int = 32
-    profile: bool = False  # synchronise CUDA around phases so phase timings are exact
-    cuda_graphs: str = "auto"  # auto | on | off: capture the head's sampler loop and the prior step (CUDA)
-    decode_batch: int = 1  # requests decoded together: bounds the decoder's full-size activations (memory plan)
 
 
 class Engine:
@@ -187,6 +174,8 @@ class Engine:
             if running:
                 phases.update(self.runner.step(running, self._tick))
                 self._update(running, events, phases)
+        except EngineDead:
+            raise
         except Exception as e:  # noqa: BLE001 - the fault ladder: fatal (raises EngineDead), OOM, this batch
             events.extend(on_step_error(self, e, [st for st in running if st.id in self.requests]))
         for rid in self.scheduler.waiting_ids():  # queue positions that moved

@@ -1,7 +1,8 @@
 """Messages between the HTTP process and a model-worker process.
 
 This module is the whole contract between ``server/`` (which never imports torch) and the
-worker (which owns the device). It imports nothing but the standard library. Messages are
+worker (which owns the device). It imports nothing but the standard library (and the
+torch-free ``engine_config``, the owner of the engine's defaults). Messages are
 small frozen dataclasses sent over ``multiprocessing`` queues; images travel as already
 encoded bytes (PNG/JPEG/WebP), binary tokens as packed bits, never as pickled tensors.
 
@@ -22,10 +23,12 @@ Every accepted request ends with exactly one ``completed`` or ``failed`` event.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULTS, EngineConfig
+
+PROTOCOL_VERSION = 2  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version
 
 
 class EventKind(str, enum.Enum):
@@ -58,8 +61,8 @@ class GenerationRequest:
     height: int
     width: int
     seed: int
-    steps: int = 50  # diffusion sampling steps per AR step
-    guidance_scale: float = 7.5  # <= 1 disables classifier-free guidance
+    steps: int = DEFAULT_STEPS  # diffusion sampling steps per AR step
+    guidance_scale: float = DEFAULT_GUIDANCE  # <= 1 disables classifier-free guidance
     num_images: int = 1
     negative_prompt: str | None = None  # replaces the unconditional prompt when given
     preview_every: int | None = None  # AR steps between previews; None = engine default; 0 = none
@@ -88,6 +91,7 @@ class Shutdown:
 class WorkerReady:
     worker_index: int
     info: dict[str, Any]  # model name, parallel_num, sizes, limits, device, dtype, attention backend, ...
+    protocol_version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)
@@ -143,13 +147,20 @@ class WorkerConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str | None = None  # None = policy (float32 on CPU, bfloat16 on CUDA)
     attention_backend: str = "auto"  # auto | sdpa | xformers
-    max_batch_requests: int = 16  # most requests in one engine step
-    max_waiting: int = 64  # bounded waiting queue (beyond it: queue_full)
-    kv_budget_bytes: int | None = None  # None: derived (free memory on CUDA, a fixed default on CPU)
-    preview_every: int | None = None  # engine default cadence; None = about 8 previews per image
-    preview_format: str = "jpeg"
+    # the engine's knobs: defaults owned by EngineConfig (engine_config.py)
+    max_batch_requests: int = DEFAULTS.max_batch_requests
+    max_waiting: int = DEFAULTS.max_waiting
+    kv_budget_bytes: int | None = DEFAULTS.kv_budget_bytes
+    preview_every: int | None = DEFAULTS.preview_every
+    cuda_graphs: str = DEFAULTS.cuda_graphs
     sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) allowed; None = checkpoint policy
     warmup: bool = True
     worker_index: int = 0
     threads: int | None = None  # torch intra-op threads on CPU
     interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default
+    protocol_version: int = PROTOCOL_VERSION  # the API process's; the worker refuses to start on a mismatch
+
+    def engine_config(self) -> EngineConfig:
+        return replace(DEFAULTS, max_batch_requests=self.max_batch_requests, max_waiting=self.max_waiting,
+                       kv_budget_bytes=self.kv_budget_bytes, preview_every=self.preview_every,
+                       cuda_graphs=self.cuda_graphs)

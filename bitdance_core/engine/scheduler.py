@@ -19,6 +19,8 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .engine_config import DEFAULTS
+
 
 class RejectReason(str, enum.Enum):
     QUEUE_FULL = "queue_full"  # the waiting queue holds max_waiting requests already
@@ -31,8 +33,8 @@ class SchedulerConfig:
 
     total_rows: int
     max_seq_len: int
-    max_batch_requests: int = 16
-    max_waiting: int = 64
+    max_batch_requests: int = DEFAULTS.max_batch_requests
+    max_waiting: int = DEFAULTS.max_waiting
 
     def __post_init__(self) -> None:
         for name in ("total_rows", "max_seq_len", "max_batch_requests"):

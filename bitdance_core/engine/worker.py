@@ -8,8 +8,10 @@
    messages on the outbox in order, so encoding never stalls the device loop;
 3) ``Shutdown(drain=True)``: refuse new work, finish what runs, exit 0.
 
-A failure to load is a ``WorkerFatal`` and exit code 1; the parent restarts the worker. The
-worker exits by itself if its parent dies.
+A failure to load, a protocol version other than the API process's, or a device error in a step
+(``faults.EngineDead``) is a ``WorkerFatal`` and exit code 1; the parent fails the worker's requests
+with ``worker_died`` and restarts it. An out-of-memory fails only its step's requests
+(``faults.py``). The worker exits by itself if its parent dies.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -26,15 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..png_metadata import image_parameters
+from .faults import EngineDead
+from .loop import EngineLoop
 from .protocol import (
-    Cancel,
+    PROTOCOL_VERSION,
     ErrorCode,
     EventKind,
     Heartbeat,
     RequestEvent,
-    Shutdown,
     StepStats,
-    Submit,
     WorkerConfig,
     WorkerFatal,
     WorkerReady,
@@ -143,7 +144,7 @@ def build_engine(config: WorkerConfig):
     from .. import attention
     from ..serving_config import ServingConfig
     from ..weights import load_model
-    from .engine import Engine, EngineConfig
+    from .engine import Engine
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -156,18 +157,25 @@ def build_engine(config: WorkerConfig):
     model = load_model(config.model_dir, config.device, config.dtype)
     sizes = [list(s) for s in config.sizes] if config.sizes else None
     serving = ServingConfig.for_model(model.config, {"sizes": sizes})
-    engine = Engine(model, EngineConfig(max_batch_requests=config.max_batch_requests, max_waiting=config.max_waiting,
-                                        kv_budget_bytes=config.kv_budget_bytes, preview_every=config.preview_every),
-                    serving)
+    engine = Engine(model, config.engine_config(), serving)
     if config.warmup:
         engine.warmup()
+        if engine.device.type == "cuda":
+            from ..memory_plan import measure_warm_step
+
+            measure_warm_step(engine)  # logs the plan's predicted peak step against the measured one
     return engine
 
 
 def worker_main(config: WorkerConfig, inbox, outbox) -> None:
-    logging.basicConfig(level=os.environ.get("BITDANCE_LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s worker{config.worker_index} %(levelname)s %(name)s: %(message)s")
+    """Logging is set up by the spawning trampoline (``server.worker_entry``, from the server's log level)."""
     _watch_parent()
+    if config.protocol_version != PROTOCOL_VERSION:
+        msg = (f"protocol version mismatch: the API process speaks {config.protocol_version}, this worker "
+               f"{PROTOCOL_VERSION} (bitdance_core installed twice?)")
+        logger.error(msg)
+        outbox.put(WorkerFatal(config.worker_index, msg))
+        sys.exit(1)
     try:
         engine = build_engine(config)
     except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
@@ -176,80 +184,45 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name, config.worker_index)
     out.send(WorkerReady(config.worker_index, engine.info()))
-    run_loop(engine, inbox, out)
+    try:
+        run_loop(engine, inbox, out)
+    except EngineDead as e:  # the device is unusable: the pool fails this worker's requests and restarts it
+        out.pool.shutdown(wait=True)  # what was already produced goes out first, in order
+        outbox.put(WorkerFatal(config.worker_index, str(e)))
+        sys.exit(1)
     out.pool.shutdown(wait=True)
     sys.exit(0)
 
 
 def run_loop(engine, inbox, out: _Output) -> None:
-    from ..serving_config import InvalidRequest
+    """The shared engine loop (``loop.EngineLoop``) with the worker's outputs: encoded events, one
+    ``StepStats`` per step, and a ``Heartbeat`` from the loop itself (its silence = a stuck worker)."""
+    last_beat = [0.0]
 
-    draining = False
-    cancelled = freed_rows = 0
-    last_beat = 0.0
-    while True:
-        # 1) drain the inbox; block only when there is nothing to step
-        msgs = []
-        try:
-            msgs.append(inbox.get(timeout=0.2) if not engine.has_work() else inbox.get_nowait())
-            while True:
-                msgs.append(inbox.get_nowait())
-        except queue.Empty:
-            pass
-        for msg in msgs:
-            if isinstance(msg, Submit):
-                rid = msg.request.request_id
-                if draining:
-                    out.event(_failed(rid, ErrorCode.SHUTTING_DOWN, "the worker is shutting down"))
-                    continue
-                out.requests[rid] = msg.request
-                try:
-                    out.event(engine.add_request(msg.request))
-                    out.prompt_tokens[rid] = _count_tokens(engine, msg.request.prompt)
-                except InvalidRequest as e:
-                    ev = _failed(rid, e.code, str(e))
-                    ev.data["field"] = e.field
-                    out.event(ev)
-            elif isinstance(msg, Cancel):
-                used = engine.scheduler.used_rows
-                ev = engine.cancel(msg.request_id)
-                if ev is not None:
-                    cancelled += 1
-                    freed_rows += used - engine.scheduler.used_rows
-                    out.event(ev)
-            elif isinstance(msg, Shutdown) or msg is None:
-                draining = True
-                if msg is None or not msg.drain:
-                    for rid in list(engine.requests):
-                        out.event(engine.cancel(rid))
-        # 2) one engine step
-        if engine.has_work():
-            t0 = time.perf_counter()
-            for ev in engine.step():
-                out.event(ev)
-            out.send(StepStats(requests=engine.last_batch, rows=engine.scheduler.used_rows,
-                               waiting=engine.num_waiting, running=engine.num_running,
-                               step_s=time.perf_counter() - t0, phase_s=dict(engine.last_phases),
-                               kv_usage=engine.scheduler.kv_usage()))
-        elif draining:
-            return
-        # 3) heartbeat from this loop: its silence is how the API process detects a stuck worker
+    def on_submit(req) -> None:
+        out.requests[req.request_id] = req
+        out.prompt_tokens[req.request_id] = _count_tokens(engine, req.prompt)
+
+    def on_step(step_s: float) -> None:
+        out.send(StepStats(requests=engine.last_batch, rows=engine.scheduler.used_rows, waiting=engine.num_waiting,
+                           running=engine.num_running, step_s=step_s, phase_s=dict(engine.last_phases),
+                           kv_usage=engine.scheduler.kv_usage()))
+
+    def on_tick() -> None:
         now = time.monotonic()
-        if now - last_beat >= (HEARTBEAT_BUSY_S if engine.has_work() else HEARTBEAT_IDLE_S):
-            last_beat = now
+        if now - last_beat[0] >= (HEARTBEAT_BUSY_S if engine.has_work() else HEARTBEAT_IDLE_S):
+            last_beat[0] = now
             out.send(Heartbeat(out.worker_index, engine.has_work(), len(engine.requests),
-                               engine.scheduler.used_rows, cancelled, freed_rows))
+                               engine.scheduler.used_rows, loop.cancelled, loop.freed_rows))
+
+    loop = EngineLoop(engine, out.event, on_submit=on_submit, on_step=on_step, on_tick=on_tick)
+    loop.run(inbox)
 
 
 def _count_tokens(engine, text: str) -> int:
     try:
-        return int(engine.prompts.count_user_tokens(text))
+        prompts = getattr(engine.family, "prompts", None)
+        return int(prompts.count_user_tokens(text)) if prompts is not None and text else 0
     except Exception:  # noqa: BLE001 - usage reporting must never fail a request
         logger.exception("could not count prompt tokens")
         return 0
-
-
-def _failed(request_id: str, code, message: str):
-    from .request import EngineEvent
-
-    return EngineEvent(request_id, EventKind.FAILED, {"code": getattr(code, "value", code), "message": message})
