@@ -213,22 +213,27 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     total = engine.sizes.ar_steps(h, w)
     peaks = {}
     with LiveBytes() as live:
-        live.reset_peak()
-        _step(engine)  # admission: one prefill of all N, then AR step 1
-        peaks["prefill"] = live.peak
+        peaks["prefill"] = 0
+        while True:  # admission: prefills of at most max_prefill_rows rows, each with an AR step
+            live.reset_peak()
+            _step(engine)
+            peaks["prefill"] = max(peaks["prefill"], live.peak)
+            if engine.num_waiting == 0:
+                break
         steps = []
         if total > 2:
             live.reset_peak()
-            _step(engine)  # AR step 2
+            _step(engine)  # an AR step of the whole batch
             steps.append(live.peak)
             for _ in range(total - 4 if not fast_forward else 0):  # (tests: every step)
+                if max(st.step for st in engine.requests.values()) >= total - 2:
+                    break
                 live.reset_peak()
                 _step(engine)
                 steps.append(live.peak)
-            if fast_forward:
-                _fast_forward(engine, total - 4)
+            _fast_forward(engine, total - 2)
             live.reset_peak()
-            _step(engine)  # AR step T-1: the longest keys a prior forward sees
+            _step(engine)  # AR step T-1 of every request: the longest keys a prior forward sees
             steps.append(live.peak)
         peaks["ar_step"] = peaks["step"] = max(steps, default=0)
         # the last step: its head as above, no prior forward, then the decode of one decode batch
@@ -244,19 +249,20 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     return peaks
 
 
-def _fast_forward(engine, steps: int) -> None:
-    """Advance every running request by ``steps`` AR steps without computing them (the fake data is
-    never read): only the lengths that shape the next step move. Planning only."""
-    if steps <= 0:
-        return
+def _fast_forward(engine, to_step: int) -> None:
+    """Advance every running request to AR step ``to_step`` without computing the steps between (the fake
+    data is never read): only the lengths that shape the next step move. Planning only."""
     P = engine.P
     starts = getattr(getattr(engine, "runner", None), "buf", None)
     for st in engine.requests.values():
-        st.step += steps
+        k = to_step - st.step
+        if k <= 0 or not st.slots:
+            continue
+        st.step += k
         for s in st.slots:
-            engine.cache.lengths[s] += steps * P
+            engine.cache.lengths[s] += k * P
             if starts is not None:  # the runner's device-side mirror of the lengths
-                starts.starts[s] += steps * P
+                starts.starts[s] += k * P
 
 
 def _step(engine) -> None:

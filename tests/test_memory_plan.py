@@ -105,9 +105,10 @@ def test_fast_forward_measures_what_every_step_measures(tiny):
     cfg, tok, serving = tiny
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = mp.fake_model(cfg, tok, torch.float32)
-        mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 3)  # process-wide caches filled once
-        fast = mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 3)
-        full = mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 3, fast_forward=False)
+        cfg = EngineConfig(max_prefill_rows=4)  # 3 requests of 2 rows: admitted over two steps
+        mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3)  # process-wide caches filled once
+        fast = mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3)
+        full = mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3, fast_forward=False)
     assert fast["ar_step"] > 0 and fast["prefill"] > 0 and fast["decode"] > 0
     assert fast == full
 

@@ -82,7 +82,7 @@ class Engine:
         self.cache = KVCache(layers, rows, self.max_seq_len, kv_heads, head_dim, prior.dtype, self.device)
         self.runner = Runner(self.family, self.cache, self.config.cuda_graphs, self.config.prefix_cache_entries)
         self.scheduler = Scheduler(SchedulerConfig(rows, self.max_seq_len, self.config.max_batch_requests,
-                                                   self.config.max_waiting))
+                                                   self.config.max_waiting, self.config.max_prefill_rows))
         logger.info("KV cache: %d rows x %d tokens = %.1f MiB", rows, self.max_seq_len, self.cache.nbytes / 2**20)
 
     def info(self) -> dict:

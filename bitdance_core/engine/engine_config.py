@@ -21,6 +21,7 @@ CUDA_GRAPHS = ("auto", "on", "off")
 class EngineConfig:
     max_batch_requests: int = 16  # most requests in one engine step (lowered for a while after an OOM)
     max_waiting: int = 64  # bounded waiting queue per engine (beyond it: queue_full, HTTP 429)
+    max_prefill_rows: int | None = 32  # KV rows admitted (prefilled) per step: bounds the prefill's memory
     kv_budget_bytes: int | None = None  # None: the memory plan on CUDA (bitdance plan), 1 GiB on CPU
     preview_every: int | None = None  # AR steps between previews; None: about 8 previews per image
     preview_method: str = "auto"  # auto | full | linear

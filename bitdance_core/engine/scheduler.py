@@ -35,6 +35,7 @@ class SchedulerConfig:
     max_seq_len: int
     max_batch_requests: int = DEFAULTS.max_batch_requests
     max_waiting: int = DEFAULTS.max_waiting
+    max_prefill_rows: int | None = DEFAULTS.max_prefill_rows  # rows admitted (prefilled) per step; None: any
 
     def __post_init__(self) -> None:
         for name in ("total_rows", "max_seq_len", "max_batch_requests"):
@@ -123,13 +124,19 @@ class Scheduler:
         self._release(request_id)
 
     def schedule(self) -> StepPlan:
-        """Admit waiting requests in strict FIFO order while the head fits (enough free rows
-        and fewer than ``max_batch_requests`` running); stop at the first one that does not."""
+        """Admit waiting requests in strict FIFO order while the head fits (enough free rows,
+        fewer than ``max_batch_requests`` running, and within ``max_prefill_rows`` rows admitted in
+        this step, the first always admitted); stop at the first one that does not."""
         admitted: list[Admitted] = []
+        budget = self.config.max_prefill_rows
         while self._waiting and len(self._running) < self._max_batch:
             rid, ticket = next(iter(self._waiting.items()))
             if ticket.rows > len(self._free):
                 break
+            if admitted and budget is not None and ticket.rows > budget:
+                break  # the prefill's row budget: the rest waits for the next step (bounds its memory)
+            if budget is not None:
+                budget -= ticket.rows
             del self._waiting[rid]
             slots = tuple(sorted(heapq.heappop(self._free) for _ in range(ticket.rows)))
             self._running[rid] = slots
