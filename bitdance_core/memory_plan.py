@@ -386,6 +386,9 @@ def measure_warm_step(engine) -> dict:
         engine.add_request(GenerationRequest(f"__plan_check_{i}__", "memory check", h, w, seed=i, steps=PLAN_STEPS,
                                              guidance_scale=2.0, preview_every=0))
     engine.step()  # prefill + AR step 1 (warms the kernels of this batch)
+    while engine.num_waiting:  # admission is spread over steps (max_prefill_rows)
+        engine.step()
+    engine.step()  # a warm step of the whole batch
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
