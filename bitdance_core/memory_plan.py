@@ -112,7 +112,7 @@ class MemoryPlan:
             ("KV per token and row", f"{self.kv_bytes_per_token_row / 1024:g} KiB", "2 x layers x kv_heads x "
              "head_dim x itemsize"),
             ("KV cache", gib(self.kv_bytes), f"{self.kv_rows} rows x {self.kv_tokens_per_row} tokens"),
-            ("peak prefill", gib(self.peak_prefill_bytes), "measured: admitting every request in one prefill"),
+            ("peak prefill", gib(self.peak_prefill_bytes), "measured: the admission steps (max_prefill_rows each)"),
             ("peak step", gib(self.peak_step_bytes), "measured: worst AR step (longest keys) or final decode"),
             ("reserved", gib(self.reserved_bytes), "CUDA context, workspaces, allocator slack (assumed)"),
             ("total", gib(self.total_bytes), f"of {gib(self.gpu_memory_bytes)}"),
