@@ -173,3 +173,20 @@ def test_cli_model_dir_and_not_fitting_exit_1():
     assert r.returncode == 2 and "unknown preset" in r.stderr
     r = _cli("--preset", "tiny", "--gpu-memory", "lots")
     assert r.returncode == 2 and "--gpu-memory" in r.stderr
+
+
+def test_engine_start_up_plan_on_a_pretend_device(tiny, monkeypatch):
+    """``plan_on_device`` (what the engine runs on CUDA when no KV budget is set): what the free memory
+    leaves after the measured peak and the slack, at most max_batch_requests requests."""
+    from bitdance_core.weights import LoadedModel, build_modules
+
+    cfg, tok, serving = tiny
+    modules = build_modules(cfg, device="cpu")
+    model = LoadedModel(cfg, mp.Placement(torch.device("cpu"), torch.float32, "test"), *modules, tok)
+    total = 2**30
+    free = int(mp.RESERVED_FRACTION * total) + 40 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    p = mp.plan_on_device(model, serving, EngineConfig(max_batch_requests=8))
+    assert 1 <= p.max_concurrent_requests <= 8
+    assert p.kv_bytes + max(p.peak_prefill_bytes, p.peak_step_bytes) <= free - int(mp.RESERVED_FRACTION * total)
+    assert p.weights_bytes == sum(t.numel() * 4 for m in modules for t in [*m.parameters(), *m.buffers()])
