@@ -24,6 +24,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
 DELEGATES = {
     "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),
     "train-demo": ("bitdance_core.demo.train", "main", "train the embedded demo model"),
@@ -57,10 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
                                                             "1024x1024 for the released models)")
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None, help="diffusion steps per AR step (default: 50, or the "
-                                                           "checkpoint's serving_config.json)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables guidance (default: 7.5, "
-                                                                "or the checkpoint's serving_config.json)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"diffusion steps per AR step (default: {DEFAULT_STEPS}, or the checkpoint's "
+                   "serving_config.json)")
+    g.add_argument("--guidance", type=float, default=None, help=f"CFG scale, <= 1 disables guidance (default: "
+                   f"{DEFAULT_GUIDANCE}, or the checkpoint's serving_config.json)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--output", required=True, help="OUT.png (several images: OUT-0.png, OUT-1.png, ...)")
