@@ -3,7 +3,9 @@
 All attention in the model is *non-causal* over a given key set:
 
 * the diffusion head attends over the P tokens of one block (no mask);
-* a prior block step attends from P new queries to ``[cache; block]`` (no mask: block-bidirectional);
+* a prior block step attends from P new queries to ``[cache; block]`` (block-bidirectional); rows
+  of one step have different lengths (cond and uncond streams), so it carries a per-row key mask
+  ``(R, 1, 1, Lk)`` that the runner builds on the device into a persistent buffer;
 * a prefill is causal, and rows of different lengths carry a key-padding mask.
 
 Grouped-query attention never repeats K/V: SDPA's ``enable_gqa`` (exact against
@@ -90,7 +92,10 @@ def _sdpa(q, k, v, causal, mask, scale):
         return _sdpa_folded(q, k, v, mask, scale)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views
     # GQA inside the kernel: K/V are never repeated (bit-identical to repeat_interleave on CPU).
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_heads != heads)
+    if kv_heads != heads:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 

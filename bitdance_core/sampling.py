@@ -140,21 +140,24 @@ def binarize(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class RowGuidance:
-    """Per-row guidance of a fixed-shape sampler call (persistent device buffers, one entry per row).
+    """Rows and samples of a fixed-shape sampler call (persistent device buffers).
 
-    Row ``r`` steps with ``v[u] + scale (v[c] - v[u])``, ``c = cond_index[r]``, ``u = uncond_index[r]``.
-    A guided cond/uncond pair (whose rows carry the same state) both point at the pair's rows; an
-    unguided row points at itself twice, which gives its own ``v`` exactly (``v + s * 0``), so
-    one formula without a branch or mask serves every row. ``index`` maps packed rows to KV slots
-    (used by the runner, not by the sampler)."""
+    The sampler's state has one entry per *sample*; the network sees one entry per *row*:
+    ``x_rows = x[state_index]``. A guided sample owns a cond row and an uncond row (both read its
+    state) and steps with ``v[u] + scale (v[c] - v[u])``, ``c = cond_index[s]``,
+    ``u = uncond_index[s]``; an unguided sample owns one row and points at it twice, which gives its
+    own ``v`` exactly (``v + s * 0``), so one formula without a branch serves every sample.
+    ``index`` maps rows to KV slots (used by the runner, not by the sampler)."""
 
-    index: torch.Tensor  # (R,) long
-    cond_index: torch.Tensor  # (R,) long
-    uncond_index: torch.Tensor  # (R,) long
-    scale: torch.Tensor  # (R, 1, 1) float32
+    index: torch.Tensor  # (rows,) long
+    state_index: torch.Tensor  # (rows,) long: the sample each row reads
+    cond_index: torch.Tensor  # (samples,) long
+    uncond_index: torch.Tensor  # (samples,) long
+    scale: torch.Tensor  # (samples, 1, 1) float32
 
-    def slice(self, n: int) -> RowGuidance:
-        return RowGuidance(self.index[:n], self.cond_index[:n], self.uncond_index[:n], self.scale[:n])
+    def slice(self, rows: int, samples: int) -> RowGuidance:
+        return RowGuidance(self.index[:rows], self.state_index[:rows], self.cond_index[:samples],
+                           self.uncond_index[:samples], self.scale[:samples])
 
 
 def sample_rows(
@@ -163,17 +166,18 @@ def sample_rows(
     rows: RowGuidance,
     sch: Schedule,
 ) -> torch.Tensor:
-    """Fixed-shape Euler–Maruyama over ``R`` rows; returns the float32 state ``(R, P, C)``.
+    """Fixed-shape Euler–Maruyama; returns the float32 state ``(samples, P, C)``.
 
-    ``noise`` ``(S + 1, R, P, C)`` holds every draw of the loop (the initial state first), already
-    drawn in the reference's order; a guided pair's rows carry the same noise, so their states stay
-    bit-identical and the arithmetic per element is the reference's (:func:`euler_maruyama`).
-    No host sync and no data-dependent shape: the loop can be captured as one CUDA graph.
+    ``noise`` ``(S + 1, samples, P, C)`` holds every draw of the loop (the initial state first),
+    already drawn in the reference's order. The arithmetic per element is the reference's
+    (:func:`euler_maruyama`). No host sync and no data-dependent shape: the loop can be captured
+    as one CUDA graph.
     """
     steps = noise.shape[0] - 1
 
     def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
-        v = (predict(x, i).float() - x) / sch.denom[i]
+        x_rows = x.index_select(0, rows.state_index)
+        v = (predict(x_rows, i).float() - x_rows) / sch.denom[i]
         v_c, v_u = v.index_select(0, rows.cond_index), v.index_select(0, rows.uncond_index)
         return v_u + rows.scale * (v_c - v_u)
 

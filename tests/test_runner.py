@@ -3,6 +3,7 @@ buckets and the CUDA-graph setting."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -67,22 +68,30 @@ def _mixed_requests(steps=(3, 5)):
 
 
 def test_warm_steps_make_no_host_sync_and_decodes_sync_only_in_the_update(model, monkeypatch):
-    engine = Engine(model, EngineConfig(max_batch_requests=4))
-    for r in _mixed_requests():
+    engine = Engine(model, EngineConfig(max_batch_requests=4, preview_method="linear"))
+    reqs = _mixed_requests()
+    reqs[0] = dataclasses.replace(reqs[0], preview_every=3)
+    for r in reqs:
         engine.add_request(r)
     engine.step()  # prefill + first AR step (cold)
     engine.step()
     mode = NoHostSync()
-    finish = engine._finish
+    opened = {"_finish": 0, "_preview": 0}
 
-    def finish_may_sync(done):
-        mode.allowed = True
-        try:
-            return finish(done)
-        finally:
-            mode.allowed = False
+    def may_sync(name):
+        inner = getattr(engine, name)
 
-    monkeypatch.setattr(engine, "_finish", finish_may_sync)
+        def wrapper(*a):
+            opened[name] += 1
+            mode.allowed = True
+            try:
+                return inner(*a)
+            finally:
+                mode.allowed = False
+        return wrapper
+
+    for name in opened:  # the update phase's final decodes and previews may read the device
+        monkeypatch.setattr(engine, name, may_sync(name))
     real = {n: getattr(torch.Tensor, n) for n in ("cpu", "numpy", "tolist", "item")}
     for name in real:  # a CPU tensor's .cpu()/.numpy() dispatch nothing: catch the calls themselves
         monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, **kw: (
@@ -96,6 +105,7 @@ def test_warm_steps_make_no_host_sync_and_decodes_sync_only_in_the_update(model,
                     done.add(ev.request_id)
             warm += 1
     assert done == {"a", "b", "c"} and warm >= 10 and mode.ops > 1000
+    assert opened["_finish"] >= 1 and opened["_preview"] >= 2
 
 
 def test_block_step_reads_keys_as_views_of_the_cache(model, monkeypatch):
@@ -249,3 +259,10 @@ def test_the_sync_detector_detects():
         bool(torch.ones(2).sum() > 0)
     with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
         torch.arange(4).nonzero()
+
+
+def test_cuda_graphs_setting_is_validated_and_reported(model, monkeypatch):
+    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
+    with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
+        Engine(model, EngineConfig(cuda_graphs="yes"))
+    assert Engine(model, EngineConfig(cuda_graphs="auto")).info()["cuda_graphs"] is False  # CPU: never

@@ -16,13 +16,13 @@ finished requests) are computed and ignored (``active = 0``: they write at posit
 of their own free or finished slot). The per-row key mask ``(R, 1, 1, Lk)`` is built on the
 device into a persistent buffer; RoPE rows are gathered from a table built once.
 
-The head works on packed rows (each request's cond rows then uncond rows, padded to a bucket):
-``sample_rows`` (sampling.py) with per-row cond / uncond index and scale buffers, so a request can be
-guided at one step and sample every row independently at another (the family decides). All the
-noise of an AR step is drawn *before* the sampler loop into a persistent buffer, from each
-request's own generator in the reference's order (initial state, then one draw per
-Euler-Maruyama step; ``(B, P, C)`` when guided, copied to the uncond rows, ``(rows, P, C)`` when
-every row is independent).
+The head works on packed rows (each request's cond rows then uncond rows, padded to a bucket)
+and packed samples: ``sample_rows`` (sampling.py) with per-row and per-sample index buffers, so a
+request can be guided at one step (B samples, each read by a cond and an uncond row) and sample
+every row independently at another (2B samples); the family decides. All the noise of an AR
+step is drawn *before* the sampler loop into a persistent buffer, from each request's own
+generator in the reference's order (initial state, then one draw per Euler-Maruyama step;
+``(B, P, C)`` when guided, ``(rows, P, C)`` when every row is independent).
 
 On CUDA with ``cuda_graphs`` on, the head's whole sampler loop (per step count and bucket) and
 the prior's block step (per row bucket and key-length bucket) are captured once and replayed.
@@ -63,6 +63,8 @@ def graphs_enabled(setting: str, device: torch.device) -> bool:
     setting = os.environ.get("BITDANCE_CUDA_GRAPHS", setting).lower()
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"cuda_graphs must be auto, on or off, got {setting!r}")
+    if setting == "on" and device.type != "cuda":
+        logger.warning("cuda_graphs=on has no effect on %s: CUDA graphs need a CUDA device", device)
     return device.type == "cuda" and setting != "off"
 
 
@@ -105,8 +107,7 @@ class Runner:
             sin=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
             mask=torch.zeros(R, cache.max_len, dtype=torch.bool, device=dev), block=P)
         self.rows = RowGuidance(  # packed head rows
-            index=torch.zeros(R, dtype=torch.long, device=dev), cond_index=torch.zeros(R, dtype=torch.long, device=dev),
-            uncond_index=torch.zeros(R, dtype=torch.long, device=dev), scale=torch.ones(R, 1, 1, device=dev))
+            *(torch.zeros(R, dtype=torch.long, device=dev) for _ in range(4)), scale=torch.ones(R, 1, 1, device=dev))
         self.noise = torch.zeros(0, R, P, self.C, device=dev)
         self._t_emb: dict[int, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
@@ -129,7 +130,9 @@ class Runner:
             cache.reset(st.slots)
             rows.append((st.cond_slots[0], st.prep.cond_prefix))
             key = st.prep.uncond_key
-            if st.prep.uses_cfg and key not in self.prefix_cache and key not in pending:
+            if key in self.prefix_cache:
+                self.prefix_cache.move_to_end(key)  # used now: not the one evicted below
+            elif st.prep.uses_cfg and key not in pending:
                 pending[key] = st.uncond_slots[0]
                 rows.append((st.uncond_slots[0], st.prep.uncond_prefix))
         embeds = [f.prefix_embeddings(p) for _, p in rows]
@@ -192,46 +195,49 @@ class Runner:
 
     def _sample(self, steps: int, reqs) -> None:
         f, P, dev = self.family, self.P, self.device
-        index, c_idx, u_idx, scale, spans = [], [], [], [], []
+        index, state, c_idx, u_idx, scale, spans = [], [], [], [], [], []
         for st in reqs:
             g = f.step_guidance(st, st.step)
-            B, a = st.num_images, len(index)
+            B, a, s0 = st.num_images, len(index), len(c_idx)
             index.extend(st.slots)
-            for j in range(st.rows):
-                pair = j % B
-                c_idx.append(a + (pair if g is not None else j))
-                u_idx.append(a + (pair + B if g is not None else j))
-                scale.append(1.0 if g is None else float(g))
-            spans.append((st, a, g))
-        n = len(index)
-        Hb = self.bucket(n)
-        pad, rg = list(range(n, Hb)), self.rows
-        rg.index[:Hb].copy_(to_device(index + [0] * len(pad), dev))
-        rg.cond_index[:Hb].copy_(to_device(c_idx + pad, dev))
-        rg.uncond_index[:Hb].copy_(to_device(u_idx + pad, dev))
-        rg.scale[:Hb].copy_(to_device(scale + [1.0] * len(pad), dev, torch.float32)[:, None, None])
+            if g is not None:  # guided: B samples, each read by its cond row and its uncond row
+                state.extend(s0 + j % B for j in range(st.rows))
+                c_idx.extend(a + j for j in range(B))
+                u_idx.extend(a + B + j for j in range(B))
+                scale.extend([float(g)] * B)
+            else:  # every row its own sample
+                state.extend(s0 + j for j in range(st.rows))
+                c_idx.extend(a + j for j in range(st.rows))
+                u_idx.extend(a + j for j in range(st.rows))
+                scale.extend([1.0] * st.rows)
+            spans.append((st, a, s0, len(c_idx) - s0))
+        n, ns = len(index), len(c_idx)
+        Hb, Sb = self.bucket(n), self.bucket(ns)
+        rg = self.rows
+        rg.index[:Hb].copy_(to_device(index + [0] * (Hb - n), dev))
+        rg.state_index[:Hb].copy_(to_device(state + [0] * (Hb - n), dev))
+        rg.cond_index[:Sb].copy_(to_device(c_idx + [0] * (Sb - ns), dev))
+        rg.uncond_index[:Sb].copy_(to_device(u_idx + [0] * (Sb - ns), dev))
+        rg.scale[:Sb].copy_(to_device(scale + [1.0] * (Sb - ns), dev, torch.float32)[:, None, None])
         if self.noise.shape[0] < steps + 1:
             self.noise = torch.zeros(steps + 1, self.cache.rows, P, self.C, device=dev)
             self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "head"}  # they read the old buffer
         noise = self.noise
-        for st, a, g in spans:  # the reference's draw order, per request, before the loop
+        for st, a, s0, k in spans:  # the reference's draw order, per request, before the loop
             off = f.head_offset(st, st.step)
             if off is not None:
                 self.head_off[a : a + st.rows] = off
-            drawn = st.num_images if g is not None else st.rows
             for j in range(steps + 1):
-                noise[j, a : a + drawn].normal_(generator=st.generator)
-            if drawn < st.rows:
-                noise[: steps + 1, a + drawn : a + st.rows] = noise[: steps + 1, a : a + drawn]
-        x = self._replay(("head", steps, Hb), lambda: self._sample_fn(steps, Hb))
-        bits = torch.sign(x[:n])
+                noise[j, s0 : s0 + k].normal_(generator=st.generator)
+        x = self._replay(("head", steps, Hb, Sb), lambda: self._sample_fn(steps, Hb, Sb))
+        bits = torch.sign(x[:ns]).index_select(0, rg.state_index[:n])  # per row
         self.bits.index_copy_(0, rg.index[:n], bits)
-        for st, a, _ in spans:
+        for st, a, _, _ in spans:
             s0 = st.step * P
             st.tokens[:, s0 : s0 + P] = bits[a : a + st.num_images]
             st.step += 1
 
-    def _sample_fn(self, steps: int, Hb: int) -> torch.Tensor:
+    def _sample_fn(self, steps: int, Hb: int, Sb: int) -> torch.Tensor:
         f, rg = self.family, self.rows
         hidden = self.hidden.index_select(0, rg.index[:Hb])
         cond = f.head.condition(f.head_condition(hidden, self.head_off[:Hb]).to(f.head.dtype))
@@ -241,7 +247,7 @@ class Runner:
             return f.head.predict(x, None, cond, t_emb[i])
 
         sch = schedule(steps, float(f.time_shift), str(self.device))
-        return sample_rows(predict, self.noise[: steps + 1, :Hb], rg.slice(Hb), sch)
+        return sample_rows(predict, self.noise[: steps + 1, :Sb], rg.slice(Hb, Sb), sch)
 
     def _feed(self, feed) -> None:
         f, cache, P, dev = self.family, self.cache, self.P, self.device
@@ -260,7 +266,7 @@ class Runner:
                 key_len = max(key_len, cache.lengths[s] + P)
                 cache.lengths[s] += P
         self.buf.active[:R].copy_(to_device(active, dev))
-        if self.use_graphs:
+        if self.use_graphs or dev.type == "cuda":  # the same shapes with graphs on and off: same kernels, same bits
             key_len = min(-(-key_len // KEY_BUCKET) * KEY_BUCKET, cache.max_len)
         self._replay(("prior", R, key_len), lambda: self._prior_fn(R, key_len))
 
