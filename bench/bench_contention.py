@@ -6,9 +6,12 @@ Policies (each in a fresh worker-like process, so OpenMP reads its environment a
   inter-op threads (what the server did before ``usable_cpus``);
 - ``bitdance``: the server's defaults (``server.settings``): intra-op threads = usable CPUs
   (affinity, cgroup quota) / CPU workers, 1 inter-op thread, ``OMP_WAIT_POLICY=PASSIVE``;
+- ``BITDANCE_THREADS=1`` (with the other defaults), unless that is already the default;
 - optionally ``--also-active`` adds ``bitdance`` threads with OpenMP's default wait policy, to
   show what PASSIVE alone buys.
 
+All policies are loaded first (one process each), then every request runs alone: for each
+repetition, for each condition, each policy in turn, so background noise hits them alike.
 Neighbours, each bounded (killed after the measurement, and self-limited to ``--neighbour-s``):
 a Python busy loop; another torch process multiplying 1024x1024 matrices with its default
 threads; both at once. Conditions are interleaved within each repetition (idle, busy, torch,
@@ -39,6 +42,7 @@ TORCH = (
     "while time.time() < t:\n    a @ a\n"
 )
 CONDITIONS = ("idle", "busy loop", "torch 1024^2", "both")
+BASELINES = ("torch-default", "bitdance, OMP active")
 
 
 def _neighbours(cond: str, seconds: float) -> list[subprocess.Popen]:
@@ -48,7 +52,8 @@ def _neighbours(cond: str, seconds: float) -> list[subprocess.Popen]:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Load the engine once with this process's thread policy, then time the demo request per condition."""
+    """Load the engine once with this process's thread policy; then, per line on stdin (a seed),
+    time one demo request and print the seconds. Idle (blocked on stdin) between requests."""
     import torch
 
     from bitdance_core import default_model_dir
@@ -60,7 +65,7 @@ def child(args: argparse.Namespace) -> None:
     engine = build_engine(cfg)
     info = engine.info()
     h, w = info["default_size"]
-    steps, guidance = info["defaults"]["steps"], info["defaults"]["guidance_scale"]
+    steps, guidance = args.steps or info["defaults"]["steps"], info["defaults"]["guidance_scale"]
 
     def one(i: int) -> float:
         req = GenerationRequest(f"bench-{i}", "a red circle on a blue square", h, w, seed=i % 7, steps=steps,
@@ -72,43 +77,48 @@ def child(args: argparse.Namespace) -> None:
         return time.perf_counter() - t0
 
     one(0)  # warm: the first request at this size
-    out: dict[str, list[float]] = {c: [] for c in CONDITIONS}
-    n = 0
-    for _ in range(args.reps):
-        for cond in CONDITIONS:
-            procs = _neighbours(cond, args.neighbour_s)
-            try:
-                time.sleep(0.5 if procs else 0.0)  # let the neighbours get going
-                n += 1
-                out[cond].append(one(n))
-            finally:
-                for p in procs:
-                    p.kill()
-                    p.wait()
-    print(json.dumps({"times": out, "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
+    print(json.dumps({"threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads(),
                       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "size": f"{w}x{h}",
-                      "steps": steps, "model": info["model"]}))  # fmt: skip
+                      "steps": steps, "model": info["model"]}), flush=True)  # fmt: skip
+    for line in sys.stdin:
+        print(json.dumps(one(int(line))), flush=True)
 
 
-def run_policy(name: str, threads: int, interop: int, wait: str | None, args: argparse.Namespace) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
-    if wait:
-        env["OMP_WAIT_POLICY"] = wait
-    env["PYTHONPATH"] = str(REPO)
-    cmd = [sys.executable, __file__, "--child", "--threads", str(threads), "--interop", str(interop),
-           "--reps", str(args.reps), "--neighbour-s", str(args.neighbour_s)]  # fmt: skip
-    if args.model:
-        cmd += ["--model", args.model]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=3600)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["policy"] = name
-    return res
+class Policy:
+    """A child process holding a loaded engine under one thread policy."""
+
+    def __init__(self, name: str, threads: int, interop: int, wait: str | None, args: argparse.Namespace) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}
+        if wait:
+            env["OMP_WAIT_POLICY"] = wait
+        env["PYTHONPATH"] = str(REPO)
+        cmd = [sys.executable, __file__, "--child", "--threads", str(threads), "--interop", str(interop),
+               "--steps", str(args.steps)]  # fmt: skip
+        if args.model:
+            cmd += ["--model", args.model]
+        self.name = name
+        self.baseline = name in BASELINES
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.meta = json.loads(self.proc.stdout.readline())
+        self.times: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+
+    def run(self, seed: int) -> float:
+        self.proc.stdin.write(f"{seed}\n")
+        self.proc.stdin.flush()
+        return float(json.loads(self.proc.stdout.readline()))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the embedded demo model)")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of every condition (default 5)")
+    ap.add_argument("--baseline-reps", type=int, default=None,
+                    help="repetitions for the baseline policies (torch-default, OMP active); default: --reps")
+    ap.add_argument("--steps", type=int, default=0, help="diffusion steps per patch (default: the model's)")
     ap.add_argument("--neighbour-s", type=float, default=120.0, help="self-limit of each neighbour process")
     ap.add_argument("--also-active", action="store_true", help="also: bitdance threads, OpenMP default waiting")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON")
@@ -126,8 +136,33 @@ def main() -> None:
     policies = [("torch-default", 0, 0, None), ("bitdance", ours.threads, s.interop_threads, "PASSIVE")]
     if args.also_active:
         policies.append(("bitdance, OMP active", ours.threads, s.interop_threads, None))
-    print(f"usable CPUs: {usable_cpus()} (os.cpu_count() {os.cpu_count()}); {args.reps} reps per condition")
-    results = [run_policy(*p, args) for p in policies]
+    if ours.threads != 1:
+        policies.append(("BITDANCE_THREADS=1", 1, s.interop_threads, "PASSIVE"))
+    print(f"usable CPUs: {usable_cpus()} (os.cpu_count() {os.cpu_count()}); {args.reps} reps per condition",
+          flush=True)  # fmt: skip
+    loaded = [Policy(*p, args) for p in policies]  # loaded one after another, then measured interleaved
+    n = 0
+    try:
+        for rep in range(args.reps):
+            for cond in CONDITIONS:
+                procs = _neighbours(cond, args.neighbour_s)
+                try:
+                    time.sleep(0.5 if procs else 0.0)  # let the neighbours get going
+                    for pol in loaded:
+                        if pol.baseline and rep >= (args.reps if args.baseline_reps is None else args.baseline_reps):
+                            continue
+                        n += 1
+                        t = pol.run(n)
+                        pol.times[cond].append(t)
+                        print(f"  rep {rep + 1} {cond:<13} {pol.name:<22} {t:7.2f} s", file=sys.stderr, flush=True)
+                finally:
+                    for p in procs:
+                        p.kill()
+                        p.wait()
+    finally:
+        for pol in loaded:
+            pol.close()
+    results = [{"policy": p.name, "times": p.times, **p.meta} for p in loaded]
     if args.json:
         print(json.dumps(results, indent=1))
     head = f"{'policy':<22}{'threads':>8}  " + "  ".join(f"{c:>22}" for c in CONDITIONS)
