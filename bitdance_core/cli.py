@@ -5,6 +5,7 @@
     bitdance generate --model FILE.pt --class-label L [--class-label L2 ...] [--seed N] [--steps S] [--guidance G]
                       [--cfg-schedule linear|constant] [--vae AE.pt] [--model-args ARGS.json] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
+    bitdance plan (--preset NAME | --model DIR) --gpu-memory 80GiB [--dtype bfloat16] [--size WxH] [--json]
     bitdance serve ...       (the HTTP server; ``server.cli``)
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
     bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
@@ -20,11 +21,12 @@ server) happen inside the subcommands, so ``bitdance --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import secrets
 import sys
 from pathlib import Path
+
+from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DELEGATES = {
     "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),
@@ -68,10 +70,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
                                                             "1024x1024 for the released models)")
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None, help="diffusion steps per AR step (default: 50, or the "
-                                                           "checkpoint's serving_config.json)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables guidance (default: 7.5, "
-                                                                "or the checkpoint's serving_config.json)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"diffusion steps per AR step (default: {DEFAULT_STEPS}, or the checkpoint's "
+                   "serving_config.json)")
+    g.add_argument("--guidance", type=float, default=None, help=f"CFG scale, <= 1 disables guidance (default: "
+                   f"{DEFAULT_GUIDANCE}, or the checkpoint's serving_config.json)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--output", required=True, help="OUT.png (several images: OUT-0.png, OUT-1.png, ...)")
@@ -90,6 +93,15 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
                                                  "others float32, as released)")
     m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
+
+    p = sub.add_parser("plan", help="memory plan: how many concurrent requests fit on a device (no weights read)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a checkpoint preset (14b-64x, 14b-16x, ...)")
+    src.add_argument("--model", help="a checkpoint directory (only its configs and tokenizer are read)")
+    p.add_argument("--gpu-memory", required=True, help="device memory: 80GiB, 141GB, 48G, or bytes")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--size", default=None, help="WxH served (default: the checkpoint's default size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -158,17 +170,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from PIL.PngImagePlugin import PngInfo
 
+    from .png_metadata import image_parameters, png_text
+
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = {
-            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": out.seed, "steps": steps,
-            "guidance": guidance, "width": width, "height": height, "size": f"{width}x{height}",
-            "model": pipe.config.name, "model_dir": str(Path(model_dir).resolve()), "index": i,
-            "num_images": args.num_images,
-        }
+        params = image_parameters(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=out.seed,
+                                  steps=steps, guidance_scale=guidance, width=width, height=height,
+                                  model=pipe.config.name, index=i, num_images=args.num_images)
         info = PngInfo()
-        info.add_text("parameters", json.dumps(params))
+        for key, value in png_text(params).items():  # the server's format: no local paths
+            info.add_text(key, value)
         img.save(path, pnginfo=info)
         print(f"saved: {path}", flush=True)
     return 0
@@ -191,6 +203,39 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     out = write_checkpoint(args.preset, args.output, seed=args.seed, dtype=args.dtype,
                            max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .config import CheckpointError
+    from .memory_plan import parse_bytes, plan_dir, plan_preset
+
+    try:
+        gpu = parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise CLIError(f"--gpu-memory: {e}") from e
+    size = None
+    if args.size is not None:
+        w, x, h = args.size.lower().partition("x")
+        if not (x and w.isdigit() and h.isdigit()):
+            raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
+        size = (int(h), int(w))
+    try:
+        if args.preset is not None:
+            result = plan_preset(args.preset, gpu, args.dtype, size)
+        else:
+            result = plan_dir(args.model, gpu, args.dtype, size)
+    except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print(result.table())
+    if not result.fits:
+        print(f"bitdance plan: does not fit: {result.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -218,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "make-checkpoint":
             return _make_checkpoint(args)
+        if args.command == "plan":
+            return _plan(args)
         raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover (argparse rejects it first)
     except CLIError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)

@@ -84,7 +84,7 @@ def build_request(
                 field=field,
                 allowed={"max_chars": max_chars},
             )
-    if labels is None and not prompt.strip():
+    if labels is None and not prompt.strip(" \t\n\r\f\v"):  # the schema's NOT_BLANK pattern
         raise APIError(INVALID, "prompt is empty", field="prompt")
     if (width is None) != (height is None):
         raise APIError(INVALID, "width and height must be given together", field="width" if width is None else "height")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,7 +26,9 @@ import torch
 from ..models.kv_cache import KVCache
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
+from .engine_config import EngineConfig
 from .family import default_serving, family_for
+from .faults import EngineDead, on_step_error, prefill_isolating
 from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
@@ -37,18 +38,6 @@ from .scheduler import Scheduler, SchedulerConfig, Ticket
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when not configured
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_requests: int = 16
-    max_waiting: int = 64
-    kv_budget_bytes: int | None = None  # None: 90% of free memory on CUDA (after weights), 1 GiB on CPU
-    preview_every: int | None = None  # None: about 8 previews per image
-    preview_method: str = "auto"  # auto | full | linear
-    prefix_cache_entries: int = 32
-    profile: bool = False  # synchronise CUDA around phases so phase timings are exact
-    cuda_graphs: str = "auto"  # auto | on | off: capture the head's sampler loop and the prior step (CUDA)
 
 
 class Engine:
@@ -80,8 +69,10 @@ class Engine:
         budget = self.config.kv_budget_bytes
         if budget is None:
             if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.9) - (2 << 30)  # keep room for activations
+                from ..memory_plan import plan_on_device
+
+                self.memory_plan = plan_on_device(self.model, self.serving, self.config)
+                budget = max(1, self.memory_plan.kv_bytes)
             else:
                 budget = CPU_KV_BUDGET
         rows = min(budget // per_row, self.config.max_batch_requests * 2 * lim.num_images[1])
@@ -91,7 +82,7 @@ class Engine:
         self.cache = KVCache(layers, rows, self.max_seq_len, kv_heads, head_dim, prior.dtype, self.device)
         self.runner = Runner(self.family, self.cache, self.config.cuda_graphs, self.config.prefix_cache_entries)
         self.scheduler = Scheduler(SchedulerConfig(rows, self.max_seq_len, self.config.max_batch_requests,
-                                                   self.config.max_waiting))
+                                                   self.config.max_waiting, self.config.max_prefill_rows))
         logger.info("KV cache: %d rows x %d tokens = %.1f MiB", rows, self.max_seq_len, self.cache.nbytes / 2**20)
 
     def info(self) -> dict:
@@ -180,18 +171,16 @@ class Engine:
                     st.slots, st.started = a.slots, time.monotonic()
                     self._positions.pop(st.id, None)
                     events.append(EngineEvent(st.id, EventKind.STARTED, {"queue_s": st.started - st.arrival}))
-                self.runner.prefill(admitted)
+                events.extend(prefill_isolating(self, self.runner.prefill, admitted))
+                running = [st for st in running if st.id in self.requests]
                 phases["prefill"] = self._tick() - t0
             if running:
                 phases.update(self.runner.step(running, self._tick))
                 self._update(running, events, phases)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
-            logger.exception("engine step failed; failing %d running requests", len(running))
-            for st in running:
-                self.requests.pop(st.id, None)
-                self.scheduler.cancel(st.id)
-                events.append(EngineEvent(st.id, EventKind.FAILED, {"code": ErrorCode.INTERNAL.value,
-                                                                    "message": f"generation failed: {e}"}))
+        except EngineDead:
+            raise
+        except Exception as e:  # noqa: BLE001 - the fault ladder: fatal (raises EngineDead), OOM, this batch
+            events.extend(on_step_error(self, e, [st for st in running if st.id in self.requests]))
         for rid in self.scheduler.waiting_ids():  # queue positions that moved
             pos = self.scheduler.queue_position(rid)
             if self._positions.get(rid) != pos:
@@ -234,7 +223,9 @@ class Engine:
             key = (st.id,) if getattr(self.family.ae, "gan_decoder", False) else (st.h, st.w)
             groups.setdefault(key, []).append(st)
         events = []
-        for reqs in groups.values():
+        chunks = [g[i : i + self.config.decode_batch] for g in groups.values()
+                  for i in range(0, len(g), self.config.decode_batch)]
+        for reqs in chunks:
             t0 = time.perf_counter()
             images = self.family.decode(torch.cat([st.tokens for st in reqs]), reqs[0].h, reqs[0].w,
                                         reqs[0].generator)
