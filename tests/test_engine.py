@@ -135,6 +135,21 @@ def test_shared_unconditional_prefix_is_computed_once(model):
     assert torch.equal(a["a"].data["tokens"], b["b"].data["tokens"])
 
 
+def test_more_distinct_negative_prompts_than_prefix_entries_in_one_prefill(model, caplog):
+    """Eviction of the unconditional-prefix cache happens after the prefill has used its entries
+    (not mid-prefill, which failed the batched prefill and fell back to one request at a time)."""
+    engine = Engine(model, EngineConfig(max_batch_requests=6, prefix_cache_entries=2))
+    reqs = [GenerationRequest(f"n{i}", "a prompt", 64, 64, seed=i, steps=2, guidance_scale=4.0,
+                              negative_prompt=f"negative {i}") for i in range(5)]
+    with caplog.at_level("WARNING", logger="bitdance_core.engine.faults"):
+        results, _, _ = run_all(engine, reqs)
+    assert not [r for r in caplog.records if "one by one" in r.getMessage()]
+    assert all(results[r.request_id].kind is EventKind.COMPLETED for r in reqs)
+    assert len(engine.runner.prefix_cache) == 2
+    alone, _, _ = run_all(Engine(model, EngineConfig(max_batch_requests=1)), [reqs[0]])
+    assert torch.equal(alone["n0"].data["tokens"], results["n0"].data["tokens"])
+
+
 def test_cancel_frees_rows_running_and_waiting(model):
     engine = Engine(model, EngineConfig(max_batch_requests=1))
     engine.add_request(GenerationRequest("run", "a", 128, 128, seed=1, steps=2, guidance_scale=3.0))

@@ -147,8 +147,6 @@ class Runner:
         for key, slot in pending.items():
             k, v = cache.export_prefix(slot)
             self.prefix_cache[key] = (k, v, self.hidden[slot].clone())
-            while len(self.prefix_cache) > self.prefix_cache_entries:
-                self.prefix_cache.popitem(last=False)
         for st in batch:
             B = st.num_images
             for _, imgs in st.prep.cond_groups(B):
@@ -168,6 +166,8 @@ class Runner:
                     self.hidden[dst] = h_u
             st.slot_index = to_device(list(st.slots), dev)
             st.tokens = torch.zeros(B, st.prep.h * st.prep.w, self.C, device=dev)
+        while len(self.prefix_cache) > self.prefix_cache_entries:  # after use: this batch's entries stay valid
+            self.prefix_cache.popitem(last=False)
         every = [s for st in batch for s in st.slots]
         self.buf.starts[to_device(every, dev)] = to_device([cache.lengths[s] for s in every], dev)
 
