@@ -1,8 +1,10 @@
 """The ``bitdance`` command.
 
     bitdance generate --prompt TEXT [--model DIR] [--height H --width W] [--steps S] [--guidance G]
-                      [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T] --output OUT.png
+                      [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T]
+                      [--quantize none|int8|fp8] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
+    bitdance quantize --model DIR --output DIR2 --quantize int8|fp8   (a pre-quantised checkpoint directory)
     bitdance serve ...       (the HTTP server; ``server.cli``)
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
     bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
@@ -29,6 +31,9 @@ DELEGATES = {
     "train-demo": ("bitdance_core.demo.train", "main", "train the embedded demo model"),
     "eval-demo": ("bitdance_core.demo.evaluate", "main", "evaluate a demo checkpoint"),
 }
+
+
+QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.quantize.MODES, without importing torch for --help
 
 
 class CLIError(Exception):
@@ -68,6 +73,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                  "bfloat16 on CUDA)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="weight-only quantisation of the prior's linear layers while loading (default: none; int8 "
+                        "on CPU and CUDA, fp8 on CUDA compute capability >= 8.9); a pre-quantised --model loads as "
+                        "stored")
 
     m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
     m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x")
@@ -76,6 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
                                                  "others float32, as released)")
     m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
+
+    qz = sub.add_parser("quantize", help="write a pre-quantised checkpoint directory (safetensors only)")
+    qz.add_argument("--model", required=True, help="checkpoint directory in the official layout")
+    qz.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
+    qz.add_argument("--quantize", required=True, choices=[m for m in QUANTIZE_MODES if m != "none"])
+    qz.add_argument("--device", default="cpu", help="where to run the quantisation (default cpu)")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -103,7 +118,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise CLIError("--steps must be at least 1")
     try:
-        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
+                                                quantize=args.quantize)
         serving = ServingConfig.for_model(pipe.config)  # the same defaults and sizes as the server
     except (CheckpointError, ValueError, RuntimeError) as e:  # a broken checkpoint, a bad --device / --dtype
         raise CLIError(f"cannot load {model_dir}: {e}") from e
@@ -165,6 +181,18 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .config import CheckpointError
+    from .quantized_checkpoint import write_quantized
+
+    try:
+        out = write_quantized(args.model, args.output, args.quantize, device=args.device)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot quantize {args.model}: {e}") from e
+    print(f"wrote {args.quantize} pre-quantised checkpoint to {out}")
+    return 0
+
+
 def _delegate(name: str, argv: list[str]) -> int:
     import importlib
 
@@ -189,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "make-checkpoint":
             return _make_checkpoint(args)
+        if args.command == "quantize":
+            return _quantize(args)
         raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover (argparse rejects it first)
     except CLIError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)

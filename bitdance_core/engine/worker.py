@@ -147,7 +147,7 @@ def build_engine(config: WorkerConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     attention.set_backend(config.attention_backend)
-    model = load_model(config.model_dir, config.device, config.dtype)
+    model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize)
     sizes = [list(s) for s in config.sizes] if config.sizes else None
     serving = ServingConfig.for_model(model.config, {"sizes": sizes})
     engine = Engine(model, EngineConfig(max_batch_requests=config.max_batch_requests, max_waiting=config.max_waiting,
@@ -169,7 +169,7 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name)
-    out.send(WorkerReady(config.worker_index, engine.info()))
+    out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize}))
     run_loop(engine, inbox, out)
     out.pool.shutdown(wait=True)
     sys.exit(0)
