@@ -5,6 +5,8 @@
                       [--quantize none|int8|fp8] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
     bitdance quantize --model DIR --output DIR2 --quantize int8|fp8   (a pre-quantised checkpoint directory)
+    bitdance plan (--preset NAME | --model DIR) --gpu-memory 80GiB [--dtype bfloat16] [--size WxH] [--json]
+                  [--quantize none|int8|fp8]
     bitdance serve ...       (the HTTP server; ``server.cli``)
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
     bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
@@ -91,6 +93,17 @@ def _build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
     qz.add_argument("--quantize", required=True, choices=[m for m in QUANTIZE_MODES if m != "none"])
     qz.add_argument("--device", default="cpu", help="where to run the quantisation (default cpu)")
+
+    p = sub.add_parser("plan", help="memory plan: how many concurrent requests fit on a device (no weights read)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a checkpoint preset (14b-64x, 14b-16x, ...)")
+    src.add_argument("--model", help="a checkpoint directory (only its configs and tokenizer are read)")
+    p.add_argument("--gpu-memory", required=True, help="device memory: 80GiB, 141GB, 48G, or bytes")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--size", default=None, help="WxH served (default: the checkpoint's default size)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="plan for weights quantised at load (default none; as `bitdance serve --quantize`)")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -190,6 +203,37 @@ def _quantize(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as e:
         raise CLIError(f"cannot quantize {args.model}: {e}") from e
     print(f"wrote {args.quantize} pre-quantised checkpoint to {out}")
+def _plan(args: argparse.Namespace) -> int:
+    from .config import CheckpointError
+    from .memory_plan import parse_bytes, plan_dir, plan_preset
+
+    try:
+        gpu = parse_bytes(args.gpu_memory)
+    except ValueError as e:
+        raise CLIError(f"--gpu-memory: {e}") from e
+    size = None
+    if args.size is not None:
+        w, x, h = args.size.lower().partition("x")
+        if not (x and w.isdigit() and h.isdigit()):
+            raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
+        size = (int(h), int(w))
+    from .quantize import fake_build
+
+    try:
+        build = fake_build(args.quantize)
+        if args.preset is not None:
+            result = plan_preset(args.preset, gpu, args.dtype, size, build=build)
+        else:
+            result = plan_dir(args.model, gpu, args.dtype, size, build=build)
+    except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print(result.table())
+    if not result.fits:
+        print(f"bitdance plan: does not fit: {result.reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -219,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return _make_checkpoint(args)
         if args.command == "quantize":
             return _quantize(args)
+        if args.command == "plan":
+            return _plan(args)
         raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover (argparse rejects it first)
     except CLIError as e:
         print(f"bitdance: error: {e}", file=sys.stderr)

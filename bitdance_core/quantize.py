@@ -118,12 +118,25 @@ def quantize_weight(weight: torch.Tensor, mode: str, device: torch.device | str,
         q = Int8Tensor.from_hp(weight.to(device=device, dtype=torch.float32), granularity=PerRow())
         return Int8Tensor(q.qdata, q.scale, q.block_size, dtype, zero_point=q.zero_point)
     if mode == "fp8":
-        from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
-
-        return Float8Tensor.from_hp(weight.to(device=device, dtype=torch.bfloat16), float8_dtype=torch.float8_e4m3fn,
-                                    granularity=PerRow(),
-                                    act_quant_kwargs=QuantizeTensorToFloat8Kwargs(torch.float8_e4m3fn, PerRow()))
+        cfg = fp8_config()
+        return Float8Tensor.from_hp(weight.to(device=device, dtype=torch.bfloat16), float8_dtype=cfg.weight_dtype,
+                                    granularity=cfg.granularity[1], mm_config=cfg.mm_config,
+                                    kernel_preference=cfg.kernel_preference, act_quant_kwargs=_fp8_act_kwargs(cfg))
     raise QuantizeError(f"quantize_weight: mode {mode!r} is not a quantisation")
+
+
+def fp8_config():
+    """torchao's dynamic-activation fp8 config, per-row: the library's defaults (fast-accumulation scaled mm)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+
+def _fp8_act_kwargs(cfg):
+    from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
+
+    return QuantizeTensorToFloat8Kwargs(cfg.activation_dtype, cfg.granularity[0],
+                                        kernel_preference=cfg.kernel_preference)
 
 
 def to_placement(q: torch.Tensor, mode: str, placement: Placement) -> torch.Tensor:
@@ -202,3 +215,42 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def empty_quantized(shape: tuple[int, int], mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised quantised weight of ``shape`` as a quantised load keeps it (memory plans: call it inside a
+    ``FakeTensorMode`` and nothing is allocated)."""
+    torchao()
+    from torchao.quantization import Float8Tensor, Int8Tensor
+
+    out, inp = shape
+    qdata = torch.empty(shape, dtype=QDATA_DTYPE[mode])
+    scale = torch.empty(out, 1, dtype=torch.float32)
+    if mode == "int8":
+        return Int8Tensor(qdata, scale, [1, inp], dtype, zero_point=torch.empty(out, 1, dtype=torch.int8))
+    cfg = fp8_config()
+    return Float8Tensor(qdata, scale, [1, inp], mm_config=cfg.mm_config, act_quant_kwargs=_fp8_act_kwargs(cfg),
+                        kernel_preference=cfg.kernel_preference, dtype=dtype)
+
+
+def fake_build(mode: str):
+    """A ``build(config, dtype)`` for ``memory_plan.plan``: the modules as a ``mode`` load keeps them (none: None)."""
+    mode = check_mode(mode)
+    if mode == "none":
+        return None
+
+    def build(config, dtype: torch.dtype):
+        from .weights import build_modules
+
+        modules = build_modules(config, with_encoder=False)
+        for i, m in enumerate(modules):
+            state = {}
+            for k, v in m.state_dict(keep_vars=True).items():
+                if i == 0 and is_target(k):
+                    state[k] = empty_quantized(tuple(v.shape), mode, dtype)
+                else:
+                    state[k] = torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+            m.load_state_dict(state, strict=True, assign=True)
+        return modules
+
+    return build

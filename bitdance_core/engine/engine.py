@@ -50,6 +50,7 @@ class EngineConfig:
     preview_method: str = "auto"  # auto | full | linear
     prefix_cache_entries: int = 32
     profile: bool = False  # synchronise CUDA around phases so phase timings are exact
+    decode_batch: int = 1  # requests decoded together: bounds the decoder's full-size activations (memory plan)
 
 
 class Engine:
@@ -87,8 +88,10 @@ class Engine:
         budget = self.config.kv_budget_bytes
         if budget is None:
             if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.9) - (2 << 30)  # keep room for activations
+                from ..memory_plan import plan_on_device
+
+                self.memory_plan = plan_on_device(self.model, self.serving, self.config)
+                budget = max(1, self.memory_plan.kv_bytes)
             else:
                 budget = CPU_KV_BUDGET
         rows = min(budget // per_row, self.config.max_batch_requests * 2 * lim.num_images[1])
@@ -356,7 +359,9 @@ class Engine:
             key = (st.h, st.w) if not ae.gan_decoder else (st.id,)
             groups.setdefault(key, []).append(st)
         events = []
-        for reqs in groups.values():
+        chunks = [g[i : i + self.config.decode_batch] for g in groups.values()
+                  for i in range(0, len(g), self.config.decode_batch)]
+        for reqs in chunks:
             t0 = time.perf_counter()
             latent = torch.cat([unpatchify_tokens(st.tokens, st.h, st.w, ps) for st in reqs])
             images = to_uint8(ae.decode(latent.to(ae.dtype), generator=reqs[0].generator))

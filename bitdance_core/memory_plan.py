@@ -1,0 +1,392 @@
+"""The memory plan: how many requests fit on a device, computed from the engine's own step.
+
+A plan adds four terms and solves for the number of concurrent requests ``N`` (``--size``, with
+guidance, one image each, so 2 KV rows per request)::
+
+    gpu_memory >= weights + N * 2 * kv_tokens_per_row * kv_bytes_per_token_row
+                  + max(peak_prefill, peak_step)(N) + reserved
+
+* ``weights_bytes``: the parameter and buffer bytes of the modules as built (whatever their dtype or
+  quantisation), the LLM body without ``lm_head``, the head, the projector and the AE decoder.
+* KV: ``2 * layers * kv_heads * head_dim * itemsize`` bytes per token and row (160 KiB for 14B in
+  bf16); a row holds the longest sequence of any allowed size (template + the longest prompt + the
+  image prefix + the image tokens).
+* ``peak_prefill_bytes`` / ``peak_step_bytes``: the most bytes the engine holds beyond weights and
+  KV while it runs the N requests: per-request state, the unconditional prefix cache and every
+  transient (activations, attention inputs, masks). They are *measured*: the real ``Engine`` runs
+  its real ``step()`` under ``FakeTensorMode`` (no memory allocated, no kernel run) on a model built
+  from the configs (no weight read) and :class:`~bitdance_core.fake_memory.LiveBytes` records the
+  peak. The requests are the worst case: the longest prompt and a distinct longest negative prompt
+  each (two prefill rows per request, a full prefix cache), every AR step up to the longest keys,
+  then the batched decode of all N images.
+* ``reserved_bytes``: CUDA context, library workspaces and allocator slack, assumed
+  (``RESERVED_FIXED`` + ``RESERVED_FRACTION`` of the device).
+
+The transient grows with N, so N is solved from an upper bound: N0 ignores the transient, N1 uses
+the transient measured at N0 (so N1 fits), and the plan reports the transient measured at N1.
+The engine sizes its KV cache on CUDA with the same function (:func:`cuda_kv_budget`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .config import ModelConfig
+from .device import Placement, dtype_name
+from .fake_memory import LiveBytes
+from .serving_config import ServingConfig
+
+logger = logging.getLogger(__name__)
+
+RESERVED_FIXED = 1 << 30  # CUDA context + cuBLAS / attention workspaces + kernel images
+RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
+PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
+JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
+             "peak_prefill_bytes", "peak_step_bytes", "reserved_bytes", "max_concurrent_requests", "fits",
+             "gpu_memory_bytes")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"80GiB"`` → 85899345920, ``"141GB"`` → 141e9, ``"48G"`` (binary), or a plain byte count."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size {text!r} is not a number with a unit like 80GiB, 141GB or 48G")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def reserved_bytes_for(gpu_memory_bytes: int) -> int:
+    return RESERVED_FIXED + int(RESERVED_FRACTION * gpu_memory_bytes)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    weights_bytes: int
+    kv_bytes_per_token_row: int
+    kv_rows: int
+    kv_tokens_per_row: int
+    kv_bytes: int
+    peak_prefill_bytes: int
+    peak_step_bytes: int
+    reserved_bytes: int
+    max_concurrent_requests: int
+    fits: bool
+    gpu_memory_bytes: int
+    # context (not in the JSON)
+    model: str = ""
+    dtype: str = ""
+    size: tuple[int, int] = (0, 0)  # (height, width)
+    reason: str = ""  # why it does not fit
+    plan_s: float = 0.0
+    weights_by_module: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.kv_bytes + max(self.peak_prefill_bytes, self.peak_step_bytes)
+                + self.reserved_bytes)
+
+    def as_json(self) -> dict:
+        return {k: getattr(self, k) for k in JSON_KEYS}
+
+    def table(self) -> str:
+        h, w = self.size
+        parts = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in self.weights_by_module)
+        rows = [
+            ("weights", gib(self.weights_bytes), f"as built, no lm_head / AE encoder ({parts})"),
+            ("KV per token and row", f"{self.kv_bytes_per_token_row / 1024:g} KiB", "2 x layers x kv_heads x "
+             "head_dim x itemsize"),
+            ("KV cache", gib(self.kv_bytes), f"{self.kv_rows} rows x {self.kv_tokens_per_row} tokens"),
+            ("peak prefill", gib(self.peak_prefill_bytes), "measured: admitting every request in one prefill"),
+            ("peak step", gib(self.peak_step_bytes), "measured: worst AR step (longest keys) or final decode"),
+            ("reserved", gib(self.reserved_bytes), "CUDA context, workspaces, allocator slack (assumed)"),
+            ("total", gib(self.total_bytes), f"of {gib(self.gpu_memory_bytes)}"),
+        ]
+        head = (f"memory plan: {self.model} ({self.dtype}) at {w}x{h}, guidance on, one image per request\n"
+                f"max_concurrent_requests: {self.max_concurrent_requests}   fits: {'yes' if self.fits else 'NO'}")
+        width = max(len(r[0]) for r in rows)
+        body = "\n".join(f"  {a:<{width}}  {b:>11}  {c}" for a, b, c in rows)
+        tail = f"\ndoes not fit: {self.reason}" if not self.fits else ""
+        return f"{head}\n{body}{tail}"
+
+
+# ---- building a model without memory -------------------------------------------------------------
+
+
+def fake_model(config: ModelConfig, tokenizer, dtype: torch.dtype, build=None):
+    """A ``LoadedModel`` of fake tensors (call inside a ``FakeTensorMode``), as ``load_model`` builds it: the
+    modules on ``meta``, then every state-dict entry adopted as a fake tensor of the placement's dtype.
+    ``build(config, dtype)`` may replace this (e.g. a quantising builder): it returns (llm, head, projector, ae)."""
+    from .weights import LoadedModel, build_modules
+
+    if build is not None:
+        modules = build(config, dtype)
+    else:
+        modules = build_modules(config, with_encoder=False)
+        for m in modules:
+            state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="cpu")
+                     for k, v in m.state_dict(keep_vars=True).items()}
+            m.load_state_dict(state, strict=True, assign=True)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    placement = Placement(torch.device("cpu"), dtype, "memory plan (fake tensors)")
+    return LoadedModel(config, placement, *modules, tokenizer)
+
+
+def module_bytes(model) -> dict[str, int]:
+    """Bytes of every parameter and buffer of each module, as built (quantised or not)."""
+    from .quantize import module_bytes as kept_bytes
+
+    return {name: kept_bytes(getattr(model, name)) for name in ("llm", "head", "projector", "ae")}
+
+
+def _longest_text(prompts, limit: int, word: str) -> str:
+    """A prompt of at most ``limit`` user tokens, as long as the tokenizer allows."""
+    per = max(1, prompts.count_user_tokens(word * 8) // 8)
+    n = max(1, limit // per)
+    while n > 1 and prompts.count_user_tokens(word * n) > limit:
+        n -= 1
+    return (word * n).strip()
+
+
+# ---- measuring the engine --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan derives from the engine: one row's KV bytes and tokens."""
+
+    kv_bytes_per_token_row: int
+    kv_tokens_per_row: int
+    rows_per_request: int = 2
+
+
+def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
+    from .engine.engine import Engine
+
+    probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1), serving)
+    return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
+
+
+def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int) -> tuple[int, int]:
+    """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``);
+    returns (peak_prefill_bytes, peak_step_bytes) beyond weights and KV."""
+    from .engine.engine import Engine
+    from .engine.protocol import GenerationRequest
+
+    shapes = engine_shapes(model, serving, engine_config)
+    rows = n * shapes.rows_per_request
+    cfg = replace(engine_config, max_batch_requests=n, max_waiting=n,
+                  kv_budget_bytes=rows * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row,
+                  preview_every=0, preview_method="full")
+    engine = Engine(model, cfg, serving)
+    limit = serving.limits.max_prompt_tokens
+    prompt = _longest_text(engine.prompts, limit, "a photo of ")
+    negative = _longest_text(engine.prompts, limit - 2, "blurry ")
+    h, w = size
+    guidance = max(serving.default_guidance, 1.5)
+    distinct = max(1, engine_config.prefix_cache_entries)  # NOTE: more in one prefill would evict entries in use
+    for i in range(n):
+        engine.add_request(GenerationRequest(f"plan-{i}", prompt, h, w, seed=i, steps=PLAN_STEPS,
+                                             guidance_scale=guidance, negative_prompt=f"{i % distinct} {negative}",
+                                             preview_every=0))
+    total = engine.sizes.ar_steps(h, w)
+    peaks = {}
+    with LiveBytes() as live:
+        live.reset_peak()
+        _step(engine)  # admission: one prefill of all N, then AR step 1
+        peaks["prefill"] = live.peak
+        peaks["step"] = 0
+        if total > 2:
+            live.reset_peak()
+            _step(engine)  # AR step 2
+            peaks["step_first"] = live.peak
+            _fast_forward(engine, total - 4)
+            live.reset_peak()
+            _step(engine)  # AR step T-1: the longest keys a prior forward sees
+            peaks["step"] = max(peaks["step_first"], live.peak)
+        # the last step: its head as above, no prior forward, then the decode of one decode batch
+        base = live.reset_peak()
+        gh, gw = engine.sizes.grid(h, w)
+        latent = torch.zeros(min(n, engine.config.decode_batch), model.config.z_channels, gh, gw,
+                             dtype=model.ae.dtype)
+        model.ae.decode(latent)
+        peaks["decode"] = live.peak - base
+        peaks["step"] = max(peaks["step"], live.peak)
+    for rid in list(engine.requests):
+        engine.cancel(rid)
+    return peaks
+
+
+def _fast_forward(engine, steps: int) -> None:
+    """Advance every running request by ``steps`` AR steps without computing them (the fake data is
+    never read): only the lengths that shape the next step move. Planning only."""
+    if steps <= 0:
+        return
+    P = engine.P
+    for st in engine.requests.values():
+        st.step += steps
+        for s in st.slots:
+            engine.cache.lengths[s] += steps * P
+
+
+def _step(engine) -> None:
+    failed = [e for e in engine.step() if e.kind.value == "failed"]
+    if failed:
+        raise RuntimeError(f"the planned step failed: {failed[0].data.get('message')}")
+
+
+def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
+    """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
+    growing with N. ``peaks(n) -> (prefill, step)``. Returns (N, peak_prefill(N), peak_step(N)); N = 0 when
+    not even one request fits (the peaks are then those of one request)."""
+    n0 = max(1, available_bytes // kv_per_request)
+    if cap is not None:
+        n0 = min(n0, cap)
+    n1 = max(0, (available_bytes - max(peaks(n0))) // kv_per_request)
+    n = min(n0, n1)
+    prefill, step = peaks(max(n, 1))
+    if n == 0 or n * kv_per_request + max(prefill, step) > available_bytes:
+        return 0, *peaks(1)
+    return n, prefill, step
+
+
+def _solve_fake(config: ModelConfig, tokenizer, dtype: torch.dtype, serving: ServingConfig, engine_config,
+                size: tuple[int, int], available, build=None, cap: int | None = None):
+    """Inside one FakeTensorMode: (weights_bytes, shapes, N, peak_prefill, peak_step).
+    ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peak."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = fake_model(config, tokenizer, dtype, build)
+        by_module = module_bytes(model)
+        weights = sum(by_module.values())
+        shapes = engine_shapes(model, serving, engine_config)
+        kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
+        cache: dict[int, tuple[int, int]] = {}
+
+        def peaks(n: int) -> tuple[int, int]:
+            if n not in cache:
+                p = measure_peaks(model, serving, engine_config, size, n)
+                cache[n] = (p["prefill"], p["step"])
+            return cache[n]
+
+        n, pf, ps = solve(available(weights), kv_req, peaks, cap)
+    return by_module, shapes, n, pf, ps
+
+
+def _make_plan(by_module: dict[str, int], shapes: Shapes, n, pf, ps, reserved, gpu_memory_bytes, config, dtype, size,
+               t0) -> MemoryPlan:
+    weights = sum(by_module.values())
+    kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
+    reason = ""
+    if n == 0:
+        need = weights + kv_req + max(pf, ps) + reserved
+        reason = (f"one request at {size[1]}x{size[0]} needs {gib(need)} (weights {gib(weights)}, KV {gib(kv_req)}, "
+                  f"engine peak {gib(max(pf, ps))}, reserved {gib(reserved)}) but the device has "
+                  f"{gib(gpu_memory_bytes)}")
+    return MemoryPlan(weights, shapes.kv_bytes_per_token_row, n * shapes.rows_per_request, shapes.kv_tokens_per_row,
+                      n * kv_req, pf, ps, reserved, n, n > 0, gpu_memory_bytes, model=config.name,
+                      dtype=dtype_name(dtype), size=tuple(size), reason=reason, plan_s=time.perf_counter() - t0,
+                      weights_by_module=tuple(by_module.items()))
+
+
+# ---- entry points --------------------------------------------------------------------------------
+
+
+def plan(config: ModelConfig, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
+         size: tuple[int, int] | None = None, serving: ServingConfig | None = None, engine_config=None,
+         build=None, reserved_bytes: int | None = None) -> MemoryPlan:
+    """The plan for one device of ``gpu_memory_bytes`` serving ``size`` (height, width; default: the
+    serving default size). With ``size`` the deployment allows that size only (``--sizes``)."""
+    from .engine.engine import EngineConfig
+
+    t0 = time.perf_counter()
+    engine_config = engine_config or EngineConfig()
+    if serving is None:
+        serving = ServingConfig.for_model(config, {"sizes": [list(size)], "default_size": list(size)} if size else None)
+    size = tuple(size or serving.default_size)
+    reserved = reserved_bytes_for(gpu_memory_bytes) if reserved_bytes is None else reserved_bytes
+    by_module, shapes, n, pf, ps = _solve_fake(config, tokenizer, dtype, serving, engine_config, size,
+                                               lambda w: gpu_memory_bytes - w - reserved, build)
+    return _make_plan(by_module, shapes, n, pf, ps, reserved, gpu_memory_bytes, config, dtype, size, t0)
+
+
+def plan_on_device(model, serving: ServingConfig, engine_config) -> MemoryPlan:
+    """The engine's start-up plan on CUDA, weights already loaded: the KV cache gets what the free memory
+    leaves after the measured peak of a max-batch step and the allocator slack (at most
+    ``max_batch_requests`` requests). Logged; ``Engine.memory_plan`` keeps it."""
+    t0 = time.perf_counter()
+    device = model.placement.device
+    free, total = torch.cuda.mem_get_info(device)
+    slack = int(RESERVED_FRACTION * total)
+    h, w = max(serving.size_policy(model.config).allowed(), key=lambda s: s[0] * s[1])
+    _, shapes, n, pf, ps = _solve_fake(model.config, model.tokenizer, model.llm.dtype, serving, engine_config,
+                                       (h, w), lambda _: free - slack, cap=engine_config.max_batch_requests)
+    by_module = module_bytes(model)  # as loaded (quantised or not)
+    reserved = total - free - sum(by_module.values()) + slack  # context and workspaces measured, plus the slack
+    p = _make_plan(by_module, shapes, n, pf, ps, reserved, total, model.config, model.llm.dtype, (h, w), t0)
+    logger.info("memory plan on %s: %d requests at %dx%d, KV %s, predicted peak step %s, prefill %s, free %s "
+                "(%.1f s)", device, n, w, h, gib(p.kv_bytes), gib(ps), gib(pf), gib(free), p.plan_s)
+    return p
+
+
+def measure_warm_step(engine) -> dict:
+    """On CUDA: run a warm max-batch step (the largest size, guidance on) and compare its measured peak with
+    the plan's prediction. Returns {"predicted_bytes", "measured_bytes", "requests"} and logs it."""
+    from .engine.protocol import GenerationRequest
+
+    dev = engine.device
+    h, w = max(engine.sizes.allowed(), key=lambda s: s[0] * s[1])
+    n = engine.scheduler.config.total_rows // 2
+    n = min(n, engine.config.max_batch_requests)
+    for i in range(n):
+        engine.add_request(GenerationRequest(f"__plan_check_{i}__", "memory check", h, w, seed=i, steps=PLAN_STEPS,
+                                             guidance_scale=2.0, preview_every=0))
+    engine.step()  # prefill + AR step 1 (warms the kernels of this batch)
+    torch.cuda.synchronize(dev)
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    engine.step()
+    torch.cuda.synchronize(dev)
+    measured = torch.cuda.max_memory_allocated(dev) - base
+    for rid in [r for r in engine.requests if r.startswith("__plan_check_")]:
+        engine.cancel(rid)
+    plan_ = getattr(engine, "memory_plan", None)
+    predicted = plan_.peak_step_bytes if plan_ is not None else None
+    logger.info("warm max-batch step (%d requests at %dx%d): measured peak %s beyond the live set, predicted %s",
+                n, w, h, gib(measured), gib(predicted) if predicted is not None else "n/a")
+    return {"predicted_bytes": predicted, "measured_bytes": measured, "requests": n}
+
+
+def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
+    from .checkpoints import get_preset, model_config, write_tokenizer
+    from .device import resolve
+    from .weights import load_tokenizer
+
+    p = get_preset(preset)
+    with tempfile.TemporaryDirectory(prefix="bitdance-plan-") as tmp:
+        n_tok = write_tokenizer(p, tmp)
+        tokenizer = load_tokenizer(tmp)
+    config = model_config(p, n_tok, name=p.name)
+    return plan(config, tokenizer, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)
+
+
+def plan_dir(model_dir: str | Path, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
+    from .device import resolve
+    from .weights import load_tokenizer
+
+    config = ModelConfig.from_dir(model_dir)
+    return plan(config, load_tokenizer(model_dir), resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)
