@@ -22,6 +22,7 @@ from bitdance_core import attention
 from bitdance_core.checkpoints import build_random_model
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.quantize import MODES, quantize_module_, tensor_bytes
 from bitdance_core.serving_config import ServingConfig
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
@@ -29,7 +30,7 @@ BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
 
 
 def params_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(tensor_bytes(p) for p in module.parameters())  # quantised weights as stored
 
 
 def run(engine: Engine, n: int, h: int, w: int, steps: int, guidance: float) -> tuple[float, float]:
@@ -59,16 +60,20 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--quantize", default="none", choices=MODES, help="quantise the prior's linears (as a "
+                    "--quantize load does) after building it; run once per mode to compare")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     attention.set_backend(args.attention)
     w, h = (int(x) for x in args.size.split("x"))
     t0 = time.perf_counter()
     model = build_random_model(args.preset, args.device, args.dtype)
+    quantize_module_(model.llm, args.quantize, model.placement)
     serving = ServingConfig.for_model(model.config, {"sizes": [[h, w]], "default_size": [h, w]})
     batches = [int(x) for x in args.batches.split(",")]
     engine = Engine(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
-    print(f"built {args.preset} on {args.device} in {time.perf_counter() - t0:.1f}s; attention "
+    print(f"built {args.preset} (quantize {args.quantize}) on {args.device} in {time.perf_counter() - t0:.1f}s; "
+          "attention "
           f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
     run(engine, 1, h, w, 2, args.guidance)  # warm-up
     T = engine.sizes.ar_steps(h, w)

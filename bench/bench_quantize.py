@@ -46,11 +46,8 @@ FIXTURE = REPO / "tests" / "fixtures" / "reference-tiny-a"
 
 def quantize_head(model) -> None:
     """Also quantise every linear of the diffusion head (int8), in place: the ``int8+head`` variant."""
-    for mod in model.head.modules():
-        if isinstance(mod, torch.nn.Linear):
-            w = mod.weight
-            mod.weight = torch.nn.Parameter(q.quantize_weight(w.detach(), "int8", w.device, w.dtype),
-                                            requires_grad=False)
+    keys = {f"{n}.weight" for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)}
+    q.quantize_module_(model.head, "int8", model.placement, keys)
 
 
 def load_variant(model_dir, variant: str, **kw):

@@ -203,6 +203,9 @@ def _quantize(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as e:
         raise CLIError(f"cannot quantize {args.model}: {e}") from e
     print(f"wrote {args.quantize} pre-quantised checkpoint to {out}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from .config import CheckpointError
     from .memory_plan import parse_bytes, plan_dir, plan_preset
@@ -218,9 +221,13 @@ def _plan(args: argparse.Namespace) -> int:
             raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
         size = (int(h), int(w))
     from .quantize import fake_build
+    from .quantized_checkpoint import stored_mode
 
     try:
-        build = fake_build(args.quantize)
+        mode = args.quantize
+        if args.model is not None and mode == "none":
+            mode = stored_mode(args.model)  # a pre-quantised directory is planned as it loads
+        build = fake_build(mode)
         if args.preset is not None:
             result = plan_preset(args.preset, gpu, args.dtype, size, build=build)
         else:

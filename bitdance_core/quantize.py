@@ -254,3 +254,21 @@ def fake_build(mode: str):
         return modules
 
     return build
+
+
+def quantize_module_(module: torch.nn.Module, mode: str, placement: Placement, keys=None) -> None:
+    """Quantise an already-loaded module's weights in place (``keys``: module keys; default: the prior's
+    targets), one at a time on their device: for models built without a file (``build_random_model``) and
+    measurements."""
+    mode = check_mode(mode)
+    check_supported(mode, placement)
+    if mode == "none":
+        return
+    for name, mod in list(module.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(mod, torch.nn.Linear) and (key in keys if keys is not None else is_target(key)):
+            w = mod.weight
+            mod.weight = torch.nn.Parameter(quantize_weight(w.detach(), mode, w.device, placement.dtype),
+                                            requires_grad=False)
+            del w
+            release_freed_memory()
