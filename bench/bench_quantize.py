@@ -2,7 +2,7 @@
 
     python bench/bench_quantize.py [--sections golden,layers,speed,memory,demo] [--threads 1] [--repeat 3]
 
-Sections (all by default except ``demo``, which takes ~15 minutes on 2 cores):
+Sections (all by default except ``demo-bits`` and ``demo``, which take ~5 and ~60 minutes on 2 cores):
 
 * ``golden``: the golden fixture (tests/fixtures/reference-tiny-a, made by the official code in float32): token-bit
   agreement with it at the first AR step and over the whole image, and the mean / max image difference (uint8
@@ -17,6 +17,8 @@ Sections (all by default except ``demo``, which takes ~15 minutes on 2 cores):
 * ``memory``: peak RSS of a quantised load (fresh subprocess, VmHWM reset after the imports, as
   ``tests/test_core_loading.py``) over the bytes kept, on the ``bench-mem`` preset, for an on-the-fly int8 load
   and for a pre-quantised directory; and the kept bytes of the 14B presets per mode;
+* ``demo-bits``: the demo model, paired with its unquantised self (same captions and seeds): bit agreement at the
+  first AR step and over the image, image difference, for ``int8`` and ``int8+head``;
 * ``demo``: ``eval-demo`` scores of the demo model for none / int8 / int8+head with seeds 0 and 1 (the seed-to-seed
   spread of the unquantised model is the noise floor the quantised differences are judged against).
 """
@@ -194,6 +196,31 @@ def memory(tmp: Path) -> None:
         print(f"  {preset}: prior linears {row['none'] / 1e9:.2f} GB bf16 -> {row['int8'] / 1e9:.2f} GB int8")
 
 
+def demo_bits(n_prompts: int = 24) -> None:
+    """Paired, low-noise: same prompt and seed, quantised vs unquantised demo model; the first AR step's bits
+    differ only through the quantisation error (later steps also through the diverged trajectory)."""
+    from bitdance_core.demo import data as demo_data
+
+    sets = demo_data.evaluation_captions(8, 0)
+    prompts = [sc.caption for k in sorted(sets) for sc in sets[k]][:n_prompts]
+    pipes = {v: BitDancePipeline(load_variant(default_model_dir(), v)) for v in VARIANTS}
+    p = pipes["none"].config.parallel_num
+    print(f"\n## demo model: bits vs the unquantised model ({len(prompts)} captions, 64x64, 20 steps, cfg 6, paired "
+          "seeds)")
+    print("| variant | first AR step bits | all bits | image mean abs diff |")
+    print("|---|---|---|---|")
+    ref = {i: pipes["none"](c, 64, 64, steps=20, guidance_scale=6.0, seed=i) for i, c in enumerate(prompts)}
+    for v in VARIANTS[1:]:
+        first, whole, diff = [], [], []
+        for i, c in enumerate(prompts):
+            out = pipes[v](c, 64, 64, steps=20, guidance_scale=6.0, seed=i)
+            t, r = out.tokens, ref[i].tokens
+            first.append((t[:, :p] == r[:, :p]).float().mean().item())
+            whole.append((t == r).float().mean().item())
+            diff.append(np.abs(np.asarray(out.images[0], np.float64) - np.asarray(ref[i].images[0], np.float64)).mean())
+        print(f"| {v} | {np.mean(first):.2%} | {np.mean(whole):.2%} | {np.mean(diff):.2f} |", flush=True)
+
+
 def demo(tmp: Path, runs: str) -> None:
     from bitdance_core.demo.evaluate import evaluate
 
@@ -235,6 +262,8 @@ def main() -> None:
             speed(args.repeat, write_checkpoint("bench", tmp / "bench", seed=0))
         if "memory" in sections:
             memory(tmp)
+        if "demo-bits" in sections:
+            demo_bits()
         if "demo" in sections:
             demo(tmp, args.demo_runs)
 
