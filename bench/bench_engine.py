@@ -11,7 +11,8 @@ For N in 1, 2, 4, 8: N requests run one after another through ``BitDancePipeline
 N requests submitted together to the ``Engine``; prints images/s of each and the ratio, the
 engine's time to first preview, and where an engine step spends its time (prefill / head /
 projector / prior / decode / preview). Ratios come from the same process and the same minutes,
-so machine noise mostly cancels.
+so machine noise mostly cancels; "cpu ratio" is the same ratio in process CPU time, the number to
+trust on a loaded machine with one intra-op thread (``--threads 1``).
 """
 
 from __future__ import annotations
@@ -74,19 +75,22 @@ def main() -> None:
           f"{args.guidance}  threads {torch.get_num_threads()}  preview every {every} ({engine.previews.method})")
     run_engine(engine, requests(2, h, w, args.steps, args.guidance, "warm", 0))  # warm-up
     pipe("warm", h, w, steps=args.steps, guidance_scale=args.guidance, seed=0)
-    header = ("N", "pipeline img/s", "engine img/s", "ratio", "first preview s", "preview overhead", "engine steps")
-    print(" ".join(f"{x:>{w}}" for x, w in zip(header, (3, 15, 13, 6, 16, 18, 12))))
+    header = ("N", "pipeline img/s", "engine img/s", "ratio", "cpu ratio", "first preview s", "preview overhead",
+              "engine steps")
+    print(" ".join(f"{x:>{w}}" for x, w in zip(header, (3, 15, 13, 6, 9, 16, 18, 12))))
     split_total: dict[str, float] = {}
     for n in (int(x) for x in args.concurrency.split(",")):
-        seqs, engs, firsts, overheads, steps = [], [], [], [], 0
+        seqs, engs, cpu_ratios, firsts, overheads, steps = [], [], [], [], [], 0
         for rep in range(args.repeats):  # alternate the two paths so machine noise hits both alike
             reqs = requests(n, h, w, args.steps, args.guidance, f"n{n}-{rep}-", 0)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for r in reqs:
                 pipe(r.prompt, h, w, steps=r.steps, guidance_scale=r.guidance_scale, seed=r.seed)
             seqs.append(time.perf_counter() - t0)
+            c1 = time.process_time()
             eng, _, phases, steps = run_engine(engine, reqs)
             engs.append(eng)
+            cpu_ratios.append((c1 - c0) / max(1e-9, time.process_time() - c1))
             # the same requests again, streaming previews at the default cadence (not in the img/s figures)
             with_previews, first, pphases, _ = run_engine(engine, requests(n, h, w, args.steps, args.guidance,
                                                                             f"p{n}-{rep}-", None))
@@ -99,7 +103,9 @@ def main() -> None:
         ratio = statistics.median(s / e for s, e in zip(seqs, engs))
         fp = statistics.median(firsts) if firsts else float("nan")
         ov = 100 * statistics.median(overheads)
-        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {ratio:>6.2f} {fp:>16.3f} {ov:>17.1f}% {steps:>12}")
+        cpu = statistics.median(cpu_ratios)
+        print(f"{n:>3} {n / seq:>15.2f} {n / eng:>13.2f} {ratio:>6.2f} {cpu:>9.2f} {fp:>16.3f} {ov:>17.1f}% "
+              f"{steps:>12}")
     total = sum(split_total.values()) or 1.0
     print("engine step split: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in split_total.items()))
 

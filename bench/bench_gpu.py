@@ -50,6 +50,56 @@ def run(engine: Engine, n: int, h: int, w: int, steps: int, guidance: float) -> 
     return time.perf_counter() - t0, first_done or 0.0
 
 
+def measure(preset: str = "14b-64x", device: str = "cuda", dtype: str | None = None, size: str = "1024x1024",
+            steps: int = 50, guidance: float = 7.5, batches=(1, 4, 16), log=print, quantize: str = "none") -> dict:
+    """Build the random model, warm up, run each batch size; returns the numbers the table and
+    ``bench/gpu_check.py`` use (peak memory measured on CUDA during the largest batch)."""
+    w, h = (int(x) for x in size.split("x"))
+    t0 = time.perf_counter()
+    model = build_random_model(preset, device, dtype)
+    quantize_module_(model.llm, quantize, model.placement)  # as a --quantize load keeps the prior
+    serving = ServingConfig.for_model(model.config, {"sizes": [[h, w]], "default_size": [h, w]})
+    engine = Engine(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
+    log(f"built {preset} (quantize {quantize}) on {device} in {time.perf_counter() - t0:.1f}s; attention "
+        f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
+    run(engine, 1, h, w, 2, guidance)  # warm-up
+    T = engine.sizes.ar_steps(h, w)
+    head_b, prior_b = params_bytes(model.head), params_bytes(model.llm) - model.llm.embed_tokens.weight.nbytes
+    cuda = engine.device.type == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in gpu), None)
+    peak_flops = next((v for k, v in BF16_FLOPS.items() if k in gpu), None)
+    tokens = (h // model.config.downsample) * (w // model.config.downsample)
+    rows = 2 if guidance > 1 else 1
+    flops = 2 * rows * tokens * ((steps + 1) * sum(p.numel() for p in model.head.parameters())
+                                 + sum(p.numel() for p in model.llm.parameters()))
+    floor = (head_b * T * (steps + 1) + prior_b * T) / bw if bw else None
+    log(f"{gpu}: T={T} AR steps, head {head_b / 1e9:.2f} GB, prior {prior_b / 1e9:.2f} GB, "
+        f"{flops / 1e15:.3f} PFLOP per image")
+    out = {"gpu": gpu, "ar_steps": T, "flops_per_image": flops, "bandwidth_floor_s": floor, "batches": {},
+           "engine": engine, "size": (h, w)}
+    for n in batches:
+        if cuda and n == max(batches):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        total, first = run(engine, n, h, w, steps, guidance)
+        res = {"total_s": total, "first_s": first, "images_per_s": n / total}
+        if cuda and n == max(batches):
+            res["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        if peak_flops:
+            res["compute_fraction"] = n * flops / total / peak_flops
+        out["batches"][n] = res
+        split = ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in engine.last_phases.items())
+        line = f"batch {n:>3}: {total:.2f}s total, first image {first:.2f}s, {n / total:.3f} img/s"
+        if floor:
+            line += f"; bandwidth floor {floor:.2f}s (x{first / floor:.2f})"
+        if peak_flops:
+            line += f"; {n * flops / total / 1e15:.2f} PFLOP/s = {100 * res['compute_fraction']:.0f}% of bf16 peak"
+        log(line)
+        log(f"   last step: {split}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="14b-64x")
@@ -65,38 +115,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     attention.set_backend(args.attention)
-    w, h = (int(x) for x in args.size.split("x"))
-    t0 = time.perf_counter()
-    model = build_random_model(args.preset, args.device, args.dtype)
-    quantize_module_(model.llm, args.quantize, model.placement)
-    serving = ServingConfig.for_model(model.config, {"sizes": [[h, w]], "default_size": [h, w]})
-    batches = [int(x) for x in args.batches.split(",")]
-    engine = Engine(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
-    print(f"built {args.preset} (quantize {args.quantize}) on {args.device} in {time.perf_counter() - t0:.1f}s; "
-          "attention "
-          f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
-    run(engine, 1, h, w, 2, args.guidance)  # warm-up
-    T = engine.sizes.ar_steps(h, w)
-    head_b, prior_b = params_bytes(model.head), params_bytes(model.llm) - model.llm.embed_tokens.weight.nbytes
-    gpu = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
-    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in gpu), None)
-    tokens = (h // model.config.downsample) * (w // model.config.downsample)
-    rows = 2 if args.guidance > 1 else 1
-    flops = 2 * rows * tokens * ((args.steps + 1) * sum(p.numel() for p in model.head.parameters())
-                                 + sum(p.numel() for p in model.llm.parameters()))
-    print(f"{gpu}: T={T} AR steps, head {head_b / 1e9:.2f} GB, prior {prior_b / 1e9:.2f} GB, "
-          f"{flops / 1e15:.2f} PFLOP per image")
-    for n in batches:
-        total, first = run(engine, n, h, w, args.steps, args.guidance)
-        split = ", ".join(f"{k} {v * 1e3:.1f}ms" for k, v in engine.last_phases.items())
-        line = f"batch {n:>3}: {total:.2f}s total, first image {first:.2f}s, {n / total:.3f} img/s"
-        if bw:
-            floor = (head_b * T * (args.steps + 1) + prior_b * T) / bw
-            line += f"; bandwidth floor {floor:.2f}s (x{first / floor:.2f})"
-            peak = next(v for k, v in BF16_FLOPS.items() if k in gpu)
-            line += f"; {n * flops / total / 1e15:.2f} PFLOP/s = {100 * n * flops / total / peak:.0f}% of bf16 peak"
-        print(line)
-        print(f"   last step: {split}")
+    measure(args.preset, args.device, args.dtype, args.size, args.steps, args.guidance,
+            [int(x) for x in args.batches.split(",")], quantize=args.quantize)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,14 @@
 All attention in the model is *non-causal* over a given key set:
 
 * the diffusion head attends over the P tokens of one block (no mask);
-* a prior block step attends from P new queries to ``[cache; block]`` (no mask: block-bidirectional);
+* a prior block step attends from P new queries to ``[cache; block]`` (block-bidirectional); rows
+  of one step have different lengths (cond and uncond streams), so it carries a per-row key mask
+  ``(R, 1, 1, Lk)`` that the runner builds on the device into a persistent buffer;
 * a prefill is causal, and rows of different lengths carry a key-padding mask.
+
+Grouped-query attention never repeats K/V: SDPA's ``enable_gqa`` (exact against
+``repeat_interleave`` on CPU), xformers' grouped layout, or, on CUDA with a per-row key mask,
+the query heads of a group folded into the query length (``_sdpa_folded``).
 
 ``attention(q, k, v, ...)`` takes ``(B, Lq, H, D)`` queries and ``(B, Lk, Hkv, D)`` keys/values
 (grouped-query attention when ``Hkv < H``) and returns ``(B, Lq, H, D)``. xformers is imported
@@ -76,19 +82,33 @@ def attention(
 
 def _sdpa(q, k, v, causal, mask, scale):
     heads, kv_heads = q.shape[2], k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
-    if kv_heads != heads:
-        # NOTE: explicit repeat keeps every SDPA kernel available (enable_gqa is not on all of them).
-        k = k.repeat_interleave(heads // kv_heads, dim=1)
-        v = v.repeat_interleave(heads // kv_heads, dim=1)
     if mask is not None and mask.dim() == 3:
         mask = mask[:, None]
     if causal:
-        lq, lk = q.shape[2], k.shape[2]
+        lq, lk = q.shape[1], k.shape[1]
         tri = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
         mask = tri if mask is None else (mask & tri)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if kv_heads != heads and mask is not None and mask.shape[-2] == 1 and q.device.type == "cuda":
+        return _sdpa_folded(q, k, v, mask, scale)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views
+    # GQA inside the kernel: K/V are never repeated (bit-identical to repeat_interleave on CPU).
+    if kv_heads != heads:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+def _sdpa_folded(q, k, v, mask, scale):
+    """GQA with a query-independent (per-row key) mask as plain attention: the G query heads of a kv
+    head become G x Lq queries of that head, so every SDPA kernel that takes a mask runs (CUDA's
+    memory-efficient kernel has no grouped heads) and K/V stay views of the cache."""
+    b, lq, heads, d = q.shape
+    kv_heads = k.shape[2]
+    g = heads // kv_heads
+    qf = q.view(b, lq, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * lq, d)
+    out = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.view(b, kv_heads, g, lq, d).permute(0, 3, 1, 2, 4).reshape(b, lq, heads, d)
 
 
 def _xformers(q, k, v, scale):

@@ -22,11 +22,12 @@ server) happen inside the subcommands, so ``bitdance --help`` is instant.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import secrets
 import sys
 from pathlib import Path
+
+from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DELEGATES = {
     "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),
@@ -64,10 +65,11 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
                                                             "1024x1024 for the released models)")
     g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None, help="diffusion steps per AR step (default: 50, or the "
-                                                           "checkpoint's serving_config.json)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 disables guidance (default: 7.5, "
-                                                                "or the checkpoint's serving_config.json)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"diffusion steps per AR step (default: {DEFAULT_STEPS}, or the checkpoint's "
+                   "serving_config.json)")
+    g.add_argument("--guidance", type=float, default=None, help=f"CFG scale, <= 1 disables guidance (default: "
+                   f"{DEFAULT_GUIDANCE}, or the checkpoint's serving_config.json)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--output", required=True, help="OUT.png (several images: OUT-0.png, OUT-1.png, ...)")
@@ -164,17 +166,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from PIL.PngImagePlugin import PngInfo
 
+    from .png_metadata import image_parameters, png_text
+
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = {
-            "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": out.seed, "steps": steps,
-            "guidance": guidance, "width": width, "height": height, "size": f"{width}x{height}",
-            "model": pipe.config.name, "model_dir": str(Path(model_dir).resolve()), "index": i,
-            "num_images": args.num_images,
-        }
+        params = image_parameters(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=out.seed,
+                                  steps=steps, guidance_scale=guidance, width=width, height=height,
+                                  model=pipe.config.name, index=i, num_images=args.num_images)
         info = PngInfo()
-        info.add_text("parameters", json.dumps(params))
+        for key, value in png_text(params).items():  # the server's format: no local paths
+            info.add_text(key, value)
         img.save(path, pnginfo=info)
         print(f"saved: {path}", flush=True)
     return 0
@@ -207,6 +209,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    import json
+
     from .config import CheckpointError
     from .memory_plan import parse_bytes, plan_dir, plan_preset
 

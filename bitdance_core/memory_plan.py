@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 RESERVED_FIXED = 1 << 30  # CUDA context + cuBLAS / attention workspaces + kernel images
 RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
+MAX_PLANNED_REQUESTS = 256  # the solve's upper bound (a plan of a huge device stays quick)
 PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
 JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
              "peak_prefill_bytes", "peak_step_bytes", "reserved_bytes", "max_concurrent_requests", "fits",
@@ -111,7 +112,7 @@ class MemoryPlan:
             ("KV per token and row", f"{self.kv_bytes_per_token_row / 1024:g} KiB", "2 x layers x kv_heads x "
              "head_dim x itemsize"),
             ("KV cache", gib(self.kv_bytes), f"{self.kv_rows} rows x {self.kv_tokens_per_row} tokens"),
-            ("peak prefill", gib(self.peak_prefill_bytes), "measured: admitting every request in one prefill"),
+            ("peak prefill", gib(self.peak_prefill_bytes), "measured: the admission steps (max_prefill_rows each)"),
             ("peak step", gib(self.peak_step_bytes), "measured: worst AR step (longest keys) or final decode"),
             ("reserved", gib(self.reserved_bytes), "CUDA context, workspaces, allocator slack (assumed)"),
             ("total", gib(self.total_bytes), f"of {gib(self.gpu_memory_bytes)}"),
@@ -182,9 +183,11 @@ def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
     return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
 
 
-def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int) -> tuple[int, int]:
-    """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``);
-    returns (peak_prefill_bytes, peak_step_bytes) beyond weights and KV."""
+def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int, *,
+                  fast_forward: bool = True) -> dict[str, int]:
+    """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``); returns the bytes
+    beyond weights and KV: {"prefill", "step" (worst of AR steps and the final decode), "ar_step", "decode"
+    (the decode's own transient)}. ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys)."""
     from .engine.engine import Engine
     from .engine.protocol import GenerationRequest
 
@@ -195,8 +198,9 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
                   preview_every=0, preview_method="full")
     engine = Engine(model, cfg, serving)
     limit = serving.limits.max_prompt_tokens
-    prompt = _longest_text(engine.prompts, limit, "a photo of ")
-    negative = _longest_text(engine.prompts, limit - 2, "blurry ")
+    prompts = engine.family.prompts
+    prompt = _longest_text(prompts, limit, "a photo of ")
+    negative = _longest_text(prompts, limit - 2, "blurry ")
     h, w = size
     guidance = max(serving.default_guidance, 1.5)
     distinct = max(1, engine_config.prefix_cache_entries)  # NOTE: more in one prefill would evict entries in use
@@ -207,18 +211,29 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     total = engine.sizes.ar_steps(h, w)
     peaks = {}
     with LiveBytes() as live:
-        live.reset_peak()
-        _step(engine)  # admission: one prefill of all N, then AR step 1
-        peaks["prefill"] = live.peak
-        peaks["step"] = 0
+        peaks["prefill"] = 0
+        while True:  # admission: prefills of at most max_prefill_rows rows, each with an AR step
+            live.reset_peak()
+            _step(engine)
+            peaks["prefill"] = max(peaks["prefill"], live.peak)
+            if engine.num_waiting == 0:
+                break
+        steps = []
         if total > 2:
             live.reset_peak()
-            _step(engine)  # AR step 2
-            peaks["step_first"] = live.peak
-            _fast_forward(engine, total - 4)
+            _step(engine)  # an AR step of the whole batch
+            steps.append(live.peak)
+            for _ in range(total - 4 if not fast_forward else 0):  # (tests: every step)
+                if max(st.step for st in engine.requests.values()) >= total - 2:
+                    break
+                live.reset_peak()
+                _step(engine)
+                steps.append(live.peak)
+            _fast_forward(engine, total - 2)
             live.reset_peak()
-            _step(engine)  # AR step T-1: the longest keys a prior forward sees
-            peaks["step"] = max(peaks["step_first"], live.peak)
+            _step(engine)  # AR step T-1 of every request: the longest keys a prior forward sees
+            steps.append(live.peak)
+        peaks["ar_step"] = peaks["step"] = max(steps, default=0)
         # the last step: its head as above, no prior forward, then the decode of one decode batch
         base = live.reset_peak()
         gh, gw = engine.sizes.grid(h, w)
@@ -232,16 +247,20 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     return peaks
 
 
-def _fast_forward(engine, steps: int) -> None:
-    """Advance every running request by ``steps`` AR steps without computing them (the fake data is
-    never read): only the lengths that shape the next step move. Planning only."""
-    if steps <= 0:
-        return
+def _fast_forward(engine, to_step: int) -> None:
+    """Advance every running request to AR step ``to_step`` without computing the steps between (the fake
+    data is never read): only the lengths that shape the next step move. Planning only."""
     P = engine.P
+    starts = getattr(getattr(engine, "runner", None), "buf", None)
     for st in engine.requests.values():
-        st.step += steps
+        k = to_step - st.step
+        if k <= 0 or not st.slots:
+            continue
+        st.step += k
         for s in st.slots:
-            engine.cache.lengths[s] += steps * P
+            engine.cache.lengths[s] += k * P
+            if starts is not None:  # the runner's device-side mirror of the lengths
+                starts.starts[s] += k * P
 
 
 def _step(engine) -> None:
@@ -252,17 +271,26 @@ def _step(engine) -> None:
 
 def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
-    growing with N. ``peaks(n) -> (prefill, step)``. Returns (N, peak_prefill(N), peak_step(N)); N = 0 when
-    not even one request fits (the peaks are then those of one request)."""
-    n0 = max(1, available_bytes // kv_per_request)
-    if cap is not None:
-        n0 = min(n0, cap)
-    n1 = max(0, (available_bytes - max(peaks(n0))) // kv_per_request)
-    n = min(n0, n1)
-    prefill, step = peaks(max(n, 1))
-    if n == 0 or n * kv_per_request + max(prefill, step) > available_bytes:
+    growing with N. ``peaks(n) -> (prefill, step)``, each call a measured run, so the search is a secant
+    on a peak that is close to linear in N, then checked: 3 to 4 runs. Returns (N, peak_prefill(N),
+    peak_step(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
+    def fits(n: int) -> bool:
+        return n * kv_per_request + max(peaks(n)) <= available_bytes
+
+    hi = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS, cap or MAX_PLANNED_REQUESTS))
+    if fits(hi):
+        return hi, *peaks(hi)
+    if hi == 1 or not fits(1):
         return 0, *peaks(1)
-    return n, prefill, step
+    p1, p_hi = max(peaks(1)), max(peaks(hi))
+    slope = (p_hi - p1) / (hi - 1)
+    n = int((available_bytes - p1 + slope) // (kv_per_request + slope))
+    n = min(max(n, 1), hi - 1)
+    while n > 1 and not fits(n):
+        n -= 1
+    while n + 1 < hi and fits(n + 1):
+        n += 1
+    return n, *peaks(n)
 
 
 def _solve_fake(config: ModelConfig, tokenizer, dtype: torch.dtype, serving: ServingConfig, engine_config,
@@ -356,6 +384,9 @@ def measure_warm_step(engine) -> dict:
         engine.add_request(GenerationRequest(f"__plan_check_{i}__", "memory check", h, w, seed=i, steps=PLAN_STEPS,
                                              guidance_scale=2.0, preview_every=0))
     engine.step()  # prefill + AR step 1 (warms the kernels of this batch)
+    while engine.num_waiting:  # admission is spread over steps (max_prefill_rows)
+        engine.step()
+    engine.step()  # a warm step of the whole batch
     torch.cuda.synchronize(dev)
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .models.kv_cache import KVCache
 from .models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from .prompts import PromptEncoder
@@ -73,8 +74,8 @@ class BitDancePipeline:
         prompt: str,
         height: int,
         width: int,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
         seed: int | None = None,
         num_images: int = 1,
         negative_prompt: str | None = None,

@@ -136,3 +136,55 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
 def binarize(x: torch.Tensor) -> torch.Tensor:
     """±1 tokens (``sign``; an exact 0 stays 0 as in the reference, with negligible probability)."""
     return torch.sign(x)
+
+
+@dataclass
+class RowGuidance:
+    """Rows and samples of a fixed-shape sampler call (persistent device buffers).
+
+    The sampler's state has one entry per *sample*; the network sees one entry per *row*:
+    ``x_rows = x[state_index]``. A guided sample owns a cond row and an uncond row (both read its
+    state) and steps with ``v[u] + scale (v[c] - v[u])``, ``c = cond_index[s]``,
+    ``u = uncond_index[s]``; an unguided sample owns one row and points at it twice, which gives its
+    own ``v`` exactly (``v + s * 0``), so one formula without a branch serves every sample.
+    ``index`` maps rows to KV slots (used by the runner, not by the sampler)."""
+
+    index: torch.Tensor  # (rows,) long
+    state_index: torch.Tensor  # (rows,) long: the sample each row reads
+    cond_index: torch.Tensor  # (samples,) long
+    uncond_index: torch.Tensor  # (samples,) long
+    scale: torch.Tensor  # (samples, 1, 1) float32
+
+    def slice(self, rows: int, samples: int) -> RowGuidance:
+        return RowGuidance(self.index[:rows], self.state_index[:rows], self.cond_index[:samples],
+                           self.uncond_index[:samples], self.scale[:samples])
+
+
+def sample_rows(
+    predict: Callable[[torch.Tensor, int], torch.Tensor],
+    noise: torch.Tensor,
+    rows: RowGuidance,
+    sch: Schedule,
+) -> torch.Tensor:
+    """Fixed-shape Euler–Maruyama; returns the float32 state ``(samples, P, C)``.
+
+    ``noise`` ``(S + 1, samples, P, C)`` holds every draw of the loop (the initial state first),
+    already drawn in the reference's order. The arithmetic per element is the reference's
+    (:func:`euler_maruyama`). No host sync and no data-dependent shape: the loop can be captured
+    as one CUDA graph.
+    """
+    steps = noise.shape[0] - 1
+
+    def velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+        x_rows = x.index_select(0, rows.state_index)
+        v = (predict(x_rows, i).float() - x_rows) / sch.denom[i]
+        v_c, v_u = v.index_select(0, rows.cond_index), v.index_select(0, rows.uncond_index)
+        return v_u + rows.scale * (v_c - v_u)
+
+    x = noise[0]
+    for i in range(steps):
+        v = velocity(x, i)
+        score = (sch.t[i] * v - x) / sch.var[i]
+        drift = v + sch.one_minus_t[i] * score
+        x = x + drift * sch.dt[i] + sch.noise_scale[i] * noise[i + 1]
+    return x + velocity(x, steps) * LAST_STEP

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .resolutions import SizePolicy, policy_for
 
 
@@ -61,8 +62,8 @@ class Limits:
 @dataclass(frozen=True)
 class ServingConfig:
     default_size: tuple[int, int]
-    default_steps: int = 50
-    default_guidance: float = 7.5
+    default_steps: int = DEFAULT_STEPS
+    default_guidance: float = DEFAULT_GUIDANCE
     sizes: tuple[tuple[int, int], ...] | None = None  # None: the model's policy
     max_side_px: int = 512  # cap for grid policies (non-released checkpoints)
     limits: Limits = field(default_factory=Limits)

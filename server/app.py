@@ -19,10 +19,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from bitdance_core.engine.protocol import ErrorCode
-from server.errors import install_error_handlers
+from server.docs import install_openapi
+from server.errors import count_rejection, install_error_handlers
+from server.jobs import JobStore
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
-from server.routes import generate, health, openai, web
+from server.routes import generate, health, jobs, openai, web
 from server.settings import Settings
 from server.worker_pool import WorkerPool
 
@@ -45,16 +47,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(
         title="bitdance-serve",
         version="0.1.0",
-        description="Text-to-image with BitDance: POST /generate, OpenAI images API, SSE previews.",
+        description="Text-to-image with BitDance: POST /generate, async jobs (/v1/jobs), the OpenAI images "
+        "API, SSE previews. Limits in this schema are the served model's (also GET /info).",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.pool = pool
     app.state.started_at = time.time()
+    app.state.jobs = JobStore(settings.job_ttl_s, settings.job_max_results, settings.job_max_bytes)
     install_error_handlers(app)
-    for module in (generate, openai, health, web):
+    for module in (generate, jobs, openai, health, web):
         app.include_router(module.router)
+    install_openapi(app, lambda: pool.info, settings.model_aliases)
     if web.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
 
@@ -62,19 +67,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimitMiddleware,
         max_bytes=settings.max_body_bytes,
-        on_reject=lambda: metrics.rejected.labels("payload_too_large").inc(),
+        on_reject=lambda scope: count_rejection(metrics, scope["method"], scope["path"], "payload_too_large"),
     )
     if settings.api_key is not None and settings.api_key.get_secret_value():
         app.add_middleware(
             APIKeyMiddleware,
             api_key=settings.api_key.get_secret_value(),
-            on_reject=lambda: metrics.rejected.labels("unauthorized").inc(),
+            on_reject=lambda scope: count_rejection(metrics, scope["method"], scope["path"], "unauthorized"),
         )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
             expose_headers=["X-Request-ID", "X-Seed", "Retry-After"],
         )

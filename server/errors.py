@@ -1,8 +1,14 @@
-"""Error classification at the HTTP boundary: one JSON shape, one code -> status table.
+"""Error classification at the HTTP boundary: one code -> status table, one outcome per request.
 
-Every error body is ``{"error": {"code", "message", "field"?, "allowed"?}}`` (OpenAI-style
-clients read ``error.message``). Worker failure codes (``bitdance_core.engine.protocol.ErrorCode``)
-map onto HTTP statuses here and nowhere else; SSE streams carry the same ``{code, message}``.
+Every error body is ``{"error": {"message", "type", "param", "code", "field"?, "allowed"?}}``:
+OpenAI's four keys plus ours. The OpenAI-compatible routes (``/v1/images/*``, ``/v1/models``)
+drop ``field``/``allowed`` and answer invalid parameters with 400 instead of 422, as OpenAI
+does. Worker failure codes (``bitdance_core.engine.protocol.ErrorCode``) map onto HTTP statuses
+here and nowhere else; SSE streams carry the same ``{code, message}``.
+
+Accounting: every request to a generation route (``GENERATION_ROUTES``) ends in exactly one
+``bitdance_requests_total{status}``: the pool counts the ones a worker saw (at their end),
+:func:`count_rejection` the ones refused before (validation, 401, 413, 429, 503).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from bitdance_core.engine.protocol import ErrorCode
 
@@ -31,31 +38,100 @@ STATUS_BY_CODE: dict[str, int] = {
     ErrorCode.WORKER_DIED.value: 503,
     ErrorCode.SHUTTING_DOWN.value: 503,
     ErrorCode.INTERNAL.value: 500,
+    "worker_hung": 503,
+    "out_of_memory": 503,
     "overloaded": 429,
     "not_ready": 503,
     "unauthorized": 401,
     "payload_too_large": 413,
     "not_acceptable": 406,
+    "model_not_found": 404,
+    "job_not_found": 404,
+    "job_expired": 410,
 }
 
-# rejections counted in bitdance_requests_rejected_total{reason}
+# the one final status of a generation-route request in bitdance_requests_total{status}
+OUTCOME_BY_CODE: dict[str, str] = {
+    ErrorCode.INVALID.value: "invalid",
+    "not_acceptable": "invalid",
+    "model_not_found": "invalid",
+    ErrorCode.TOO_LARGE.value: "too_large",
+    "payload_too_large": "too_large",
+    ErrorCode.QUEUE_FULL.value: "rejected",
+    "overloaded": "rejected",
+    "not_ready": "rejected",
+    "unauthorized": "rejected",
+    ErrorCode.SHUTTING_DOWN.value: "rejected",
+    ErrorCode.CANCELLED.value: "cancelled",
+    ErrorCode.TIMEOUT.value: "timeout",
+    ErrorCode.WORKER_DIED.value: "worker_died",
+    "worker_hung": "worker_hung",
+    "completed": "completed",
+}
+OUTCOMES = ("completed", "invalid", "rejected", "too_large", "cancelled", "timeout", "worker_died", "worker_hung",
+            "error")
+
+# the breakdown of rejections in bitdance_requests_rejected_total{reason}
 REJECT_REASON_BY_CODE: dict[str, str] = {
     ErrorCode.INVALID.value: "validation",
-    ErrorCode.TOO_LARGE.value: "validation",
-    ErrorCode.QUEUE_FULL.value: "queue_full",
-    "overloaded": "overloaded",
+    "not_acceptable": "validation",
+    "model_not_found": "validation",
+    ErrorCode.TOO_LARGE.value: "too_large",
+    "payload_too_large": "payload_too_large",
+    ErrorCode.QUEUE_FULL.value: "queue_full",  # the worker's waiting queue
+    "overloaded": "queue_full",  # the API's per-worker capacity: the same full queue, seen earlier
     "not_ready": "not_ready",
+    "unauthorized": "unauthorized",
     ErrorCode.SHUTTING_DOWN.value: "shutting_down",
 }
 
-RETRY_AFTER_S = {"overloaded": 1, ErrorCode.QUEUE_FULL.value: 1, "not_ready": 5, ErrorCode.WORKER_DIED.value: 2}
+RETRY_AFTER_S = {
+    "overloaded": 1, ErrorCode.QUEUE_FULL.value: 1, "not_ready": 5, ErrorCode.WORKER_DIED.value: 2, "worker_hung": 2,
+    "out_of_memory": 5, ErrorCode.SHUTTING_DOWN.value: 5,
+}
+
+# routes whose every request ends in exactly one bitdance_requests_total{status}
+GENERATION_ROUTES = frozenset({("POST", "/generate"), ("POST", "/v1/images/generations"), ("POST", "/v1/jobs")})
+OPENAI_PREFIXES = ("/v1/images", "/v1/models")
+
+
+def outcome_of(code: str) -> str:
+    return OUTCOME_BY_CODE.get(code, "error")
+
+
+def is_openai_path(path: str) -> bool:
+    """The OpenAI-compatible routes answer errors in OpenAI's shape and with its statuses (400, not 422)."""
+    return path.startswith(OPENAI_PREFIXES)
+
+
+def is_generation_route(method: str, path: str) -> bool:
+    return (method, path) in GENERATION_ROUTES
+
+
+def _openai_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 class APIError(Exception):
-    """An error with a code from ``STATUS_BY_CODE``; raised anywhere, rendered by the handler."""
+    """An error with a code from ``STATUS_BY_CODE``; raised anywhere, rendered by the handler.
+
+    ``counted`` is set when the request already has its final status (it reached a worker, whose
+    end was counted by the pool), so the handler does not count it twice.
+    """
 
     def __init__(
-        self, code: str, message: str, *, field: str | None = None, allowed: Any = None, retry_after: int | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        allowed: Any = None,
+        retry_after: int | None = None,
+        counted: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -63,28 +139,51 @@ class APIError(Exception):
         self.field = field
         self.allowed = allowed
         self.retry_after = retry_after if retry_after is not None else RETRY_AFTER_S.get(code)
+        self.counted = counted
 
     @property
     def status(self) -> int:
         return STATUS_BY_CODE.get(self.code, 500)
 
-    def body(self) -> dict[str, Any]:
-        err: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field is not None:
-            err["field"] = self.field
-        if self.allowed is not None:
-            err["allowed"] = self.allowed
+    def status_for(self, openai: bool) -> int:
+        if openai and self.status == 422:
+            return 400  # OpenAI answers invalid parameters with 400 (the client's BadRequestError)
+        return self.status
+
+    def body(self, openai: bool = False) -> dict[str, Any]:
+        """Both shapes carry OpenAI's four keys; ours adds ``field`` and ``allowed``."""
+        status = self.status_for(openai)
+        code = "invalid_api_key" if openai and self.code == "unauthorized" else self.code
+        err: dict[str, Any] = {"message": self.message, "type": _openai_type(status), "param": self.field, "code": code}
+        if not openai:
+            if self.field is not None:
+                err["field"] = self.field
+            if self.allowed is not None:
+                err["allowed"] = self.allowed
         return {"error": err}
 
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after)} if self.retry_after and self.status in (429, 503) else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+    def response(self, openai: bool = False) -> JSONResponse:
+        status = self.status_for(openai)
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after and status in (429, 503) else None
+        return JSONResponse(self.body(openai), status_code=status, headers=headers)
 
     @classmethod
     def from_failed(cls, data: dict[str, Any]) -> APIError:
-        """From a worker ``failed`` event's data."""
+        """From a worker ``failed`` event's data (the pool has counted the request already)."""
         code = str(data.get("code", ErrorCode.INTERNAL.value))
-        return cls(code, str(data.get("message", code)), field=data.get("field"), allowed=data.get("allowed"))
+        return cls(
+            code, str(data.get("message", code)), field=data.get("field"), allowed=data.get("allowed"), counted=True
+        )
+
+
+def count_rejection(metrics: Any, method: str, path: str, code: str) -> None:
+    """Count a generation-route request that ends before reaching a worker (else nothing)."""
+    if metrics is None or not is_generation_route(method, path):
+        return
+    metrics.requests.labels(outcome_of(code)).inc()
+    reason = REJECT_REASON_BY_CODE.get(code)
+    if reason is not None:
+        metrics.rejected.labels(reason).inc()
 
 
 def _describe_validation(exc: RequestValidationError) -> APIError:
@@ -122,11 +221,9 @@ def _describe_validation(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics = getattr(request.app.state, "metrics", None)
-        reason = REJECT_REASON_BY_CODE.get(exc.code)
-        if metrics is not None and reason is not None:
-            metrics.rejected.labels(reason).inc()
-        return exc.response()
+        if not exc.counted:
+            count_rejection(getattr(request.app.state, "metrics", None), request.method, request.url.path, exc.code)
+        return exc.response(openai=is_openai_path(request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,9 +231,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and "parsing the body" in str(exc.detail):
+            # NOTE: FastAPI's answer to a body it cannot decode at all (not UTF-8): a bad body like any other
+            err = APIError(ErrorCode.INVALID.value, "request body is not UTF-8 encoded JSON", field="body")
+            return await _api_error(request, err)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        err = APIError(code, str(exc.detail))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route matched
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        openai = is_openai_path(request.url.path)
         return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}},
+            err.body(openai),
             status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
+            headers=headers or None,
         )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # PARTIAL: the path matches, the method does not
+        if match is not Match.NONE and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return sorted(methods)

@@ -3,19 +3,23 @@
 Progress, previews and queue positions are *state*, not a log: when the consumer lags, a newer
 event of the same kind replaces the pending one, so an SSE client that reads slowly gets the
 newest preview, never a backlog, and memory per request stays bounded (at most one pending event
-per kind). The terminal event (``completed`` or ``failed``) is never dropped and is always the
+per kind). A ``listener`` (a job, :mod:`server.jobs`) sees every event before coalescing. The
+terminal event (``completed`` or ``failed``) is never dropped and is always the
 last one handed out. Used only from the event-loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bitdance_core.engine.protocol import GenerationRequest
 
+logger = logging.getLogger(__name__)
 TERMINAL = ("completed", "failed")
 COALESCED = ("queued", "started", "progress", "preview")
 
@@ -34,6 +38,7 @@ class RequestState:
     worker_done: bool = False  # the worker reported the end (or died): accounting is closed
     cancel_sent: bool = False
     timer: asyncio.TimerHandle | None = None  # the per-request deadline
+    listener: Callable[[str, dict[str, Any]], None] | None = None  # sees every event, uncoalesced (jobs)
     _pending: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _terminal: tuple[str, dict[str, Any]] | None = None
@@ -47,6 +52,11 @@ class RequestState:
         """Add an event; ignored once the terminal event is in."""
         if self.finished:
             return
+        if self.listener is not None:
+            try:
+                self.listener(kind, data)
+            except Exception:  # a job's bookkeeping must never lose the request's own events
+                logger.exception("job listener failed on %s of %s", kind, self.request_id)
         if kind in TERMINAL:
             self.finished = True
             self.status = "completed" if kind == "completed" else str(data.get("code", "internal_error"))

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bitdance_core.engine.protocol import StepStats
+from server.errors import OUTCOMES
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240, 480, 960)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -25,11 +26,16 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "bitdance_requests", "Requests submitted to a worker, by final status", ["status"], registry=r
+            "bitdance_requests",
+            "Generation-route requests by final status (exactly one per request): " + ", ".join(OUTCOMES),
+            ["status"],
+            registry=r,
         )
+        for status in OUTCOMES:  # every series exists from the start (rate() needs a zero)
+            self.requests.labels(status)
         self.rejected = Counter(
             "bitdance_requests_rejected",
-            "Requests rejected before generation, by reason",
+            "Why requests ended invalid / rejected / too_large (a breakdown, not extra requests)",
             ["reason"],
             registry=r,
         )
@@ -58,6 +64,9 @@ class Metrics:
         self.running = Gauge("bitdance_num_requests_running", "Requests being generated", registry=r)
         self.waiting = Gauge("bitdance_num_requests_waiting", "Requests admitted but not started", registry=r)
         self.restarts = Counter("bitdance_worker_restarts", "Model-worker processes restarted after dying", registry=r)
+        self.hangs = Counter(
+            "bitdance_worker_hangs", "Model workers killed for not responding (worker_hang_s)", registry=r
+        )
         self.workers_ready = Gauge("bitdance_workers_ready", "Model workers ready to serve", registry=r)
         self.kv_usage = Gauge(
             "bitdance_kv_cache_usage_ratio", "KV-cache rows in use (0..1), per worker", ["worker"], registry=r

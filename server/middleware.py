@@ -16,6 +16,8 @@ import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from server.errors import APIError, is_openai_path
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -24,6 +26,11 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/", "/favicon.ico")
 OPEN_PREFIXES = ("/static/",)
+
+
+async def _send_error(send: Send, scope: Scope, err: APIError, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    openai = is_openai_path(scope["path"])
+    await _send_json(send, err.status_for(openai), err.body(openai), headers)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -45,7 +52,7 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: lis
 class APIKeyMiddleware:
     """``Authorization: Bearer <key>`` on everything but health, metrics and the web page."""
 
-    def __init__(self, app: ASGIApp, api_key: str, on_reject: Callable[[], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str, on_reject: Callable[[Scope], None] | None = None) -> None:
         self.app = app
         self.key = api_key.encode()
         self.on_reject = on_reject
@@ -60,13 +67,9 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         if self.on_reject is not None:
-            self.on_reject()
-        await _send_json(
-            send,
-            401,
-            {"error": {"code": "unauthorized", "message": "missing or wrong API key (Authorization: Bearer <key>)"}},
-            [(b"www-authenticate", b"Bearer")],
-        )
+            self.on_reject(scope)
+        err = APIError("unauthorized", "missing or wrong API key (Authorization: Bearer <key>)")
+        await _send_error(send, scope, err, [(b"www-authenticate", b"Bearer")])
 
     @staticmethod
     def _open(path: str) -> bool:
@@ -76,7 +79,7 @@ class APIKeyMiddleware:
 class BodyLimitMiddleware:
     """413 for a request body over ``max_bytes`` (declared or actual)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[], None] | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[Scope], None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.on_reject = on_reject
@@ -101,20 +104,14 @@ class BodyLimitMiddleware:
                 break
         if too_big:
             if self.on_reject is not None:
-                self.on_reject()
-            await _send_json(
-                send,
-                413,
-                {
-                    "error": {
-                        "code": "payload_too_large",
-                        "field": "body",
-                        "message": f"request body over the limit of {self.max_bytes} bytes",
-                        "allowed": {"max_bytes": self.max_bytes},
-                    }
-                },
-                [(b"connection", b"close")],
+                self.on_reject(scope)
+            err = APIError(
+                "payload_too_large",
+                f"request body over the limit of {self.max_bytes} bytes",
+                field="body",
+                allowed={"max_bytes": self.max_bytes},
             )
+            await _send_error(send, scope, err, [(b"connection", b"close")])
             return
         body = b"".join(chunks)
         replayed = False

@@ -72,7 +72,7 @@ def build_request(
                 field=field,
                 allowed={"max_chars": max_chars},
             )
-    if not prompt.strip():
+    if not prompt.strip(" \t\n\r\f\v"):  # the schema's NOT_BLANK pattern
         raise APIError(INVALID, "prompt is empty", field="prompt")
     if (width is None) != (height is None):
         raise APIError(INVALID, "width and height must be given together", field="width" if width is None else "height")

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bitdance_core.engine.engine_config import DEFAULTS as ENGINE
 from bitdance_core.engine.protocol import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -62,19 +63,29 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="Attention kernels in the worker."
     )
+    # engine knobs: the defaults are EngineConfig's (bitdance_core/engine/engine_config.py), never repeated here
     kv_budget_bytes: int | None = Field(
-        None, ge=1, description="KV-cache budget per worker in bytes; default: derived from free memory."
+        ENGINE.kv_budget_bytes,
+        ge=1,
+        description="KV-cache budget per worker in bytes; default: the memory plan on CUDA (see `bitdance plan`), "
+        "1 GiB on CPU.",
     )
-    max_batch_requests: int = Field(16, ge=1, description="Most requests batched in one engine step.")
+    max_batch_requests: int = Field(
+        ENGINE.max_batch_requests, ge=1, description="Most requests batched in one engine step."
+    )
     max_queue: int = Field(
-        64,
+        ENGINE.max_waiting,
         ge=0,
         description="Requests allowed to wait per worker beyond the running batch; more in flight -> 429.",
     )
     preview_every: int | None = Field(
-        None,
+        ENGINE.preview_every,
         ge=0,
         description="Default AR steps between streamed previews (0 = none); default: about 8 per image.",
+    )
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        ENGINE.cuda_graphs,  # type: ignore[arg-type]
+        description="CUDA graphs for the head's sampler loop and the prior step: auto (on for CUDA), on, off.",
     )
     sizes: Annotated[list[str], NoDecode] | None = Field(
         None,
@@ -82,7 +93,22 @@ class Settings(BaseSettings):
     )
     warmup: bool = Field(True, description="Warm the worker up (compile / first step) before it is ready.")
     threads: int | None = Field(
-        None, ge=1, description="Torch threads per CPU worker; default: CPU cores / number of CPU workers."
+        None,
+        ge=1,
+        description="Torch intra-op threads per CPU worker; default: the CPUs this process may use "
+        "(sched_getaffinity, cgroup cpu.max quota) divided among the CPU workers.",
+    )
+    interop_threads: int = Field(1, ge=1, description="Torch inter-op threads per CPU worker.")
+    omp_wait_policy: Literal["passive", "active", "default"] = Field(
+        "passive",
+        description="OpenMP wait policy of CPU workers (OMP_WAIT_POLICY): 'passive' sleeps instead of "
+        "spinning between parallel regions (see bench/bench_contention.py); 'default' leaves it unset.",
+    )
+    worker_hang_s: float = Field(
+        120.0,
+        gt=0,
+        description="A ready worker silent (no heartbeat) this long with requests in flight is killed "
+        "(SIGKILL) and restarted; its requests end 503 worker_hung.",
     )
     worker_ready_timeout_s: float = Field(
         900.0, gt=0, description="A worker not ready after this long is killed and restarted."
@@ -109,11 +135,22 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         30.0, ge=0, description="On SIGTERM: how long in-flight requests may run on before being cancelled."
     )
+    job_ttl_s: float = Field(600.0, gt=0, description="How long a finished job's result stays available.")
+    job_max_results: int = Field(256, ge=1, description="Most finished job results kept (oldest evicted first).")
+    job_max_bytes: int = Field(
+        256 * 2**20, ge=2**20, description="Most bytes of finished job results kept (oldest evicted first)."
+    )
     stream_heartbeat_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log).")
 
-    @field_validator("devices", "cors_origins", "sizes", mode="before")
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["bitdance"],
+        description="Other names the OpenAI routes accept for the served model in 'model', comma-separated "
+        "(e.g. 'bitdance,gpt-image-1' for clients that insist on a name).",
+    )
+
+    @field_validator("devices", "cors_origins", "sizes", "model_aliases", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -164,10 +201,16 @@ class Settings(BaseSettings):
             out.append((h, w))
         return tuple(out)
 
+    def worker_env(self, device: str) -> dict[str, str]:
+        """Environment a worker process needs before torch loads (OpenMP reads it once, at start)."""
+        if device != "cpu" or self.omp_wait_policy == "default":
+            return {}
+        return {"OMP_WAIT_POLICY": self.omp_wait_policy.upper()}
+
     def worker_configs(self) -> list[WorkerConfig]:
         devices = self.resolved_devices()
         n_cpu = sum(1 for d in devices if d == "cpu")
-        threads = self.threads or (max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else None)
+        threads = self.threads or (max(1, usable_cpus() // n_cpu) if n_cpu else None)
         return [
             WorkerConfig(
                 model_dir=self.resolved_model_dir(),
@@ -179,13 +222,61 @@ class Settings(BaseSettings):
                 max_waiting=self.max_queue,
                 kv_budget_bytes=self.kv_budget_bytes,
                 preview_every=self.preview_every,
+                cuda_graphs=self.cuda_graphs,
                 sizes=self.sizes_hw(),
                 warmup=self.warmup,
                 worker_index=i,
                 threads=threads if dev == "cpu" else None,
+                interop_threads=self.interop_threads if dev == "cpu" else None,
             )
             for i, dev in enumerate(devices)
         ]
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota
+    (rounded down, at least 1). ``os.cpu_count()`` counts the host's, which oversubscribes a
+    container with a CPU limit or a ``taskset``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """``quota / period`` from ``cpu.max`` of this process's cgroup (v2), or None when unlimited."""
+    paths = []
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    paths.append(os.path.join(root, line.strip()[3:].lstrip("/"), "cpu.max"))
+    except OSError:
+        pass
+    paths.append(os.path.join(root, "cpu.max"))
+    try:  # cgroup v1
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+            quota_us = int(f.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+            period_us = int(f.read())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    for path in paths:
+        try:
+            with open(path) as f:
+                quota, period = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if quota == "max":
+            return None
+        return int(quota) / int(period)
+    return None
 
 
 def _list_gpus() -> int:

@@ -19,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from bitdance_core.engine.protocol import ErrorCode
+from server.jobs import Job
 from server.mailbox import RequestState
 from server.worker_pool import WorkerPool
 
@@ -73,6 +74,29 @@ def sse_response(
     return _SSEResponse(
         event_stream(st, pool, render, heartbeat_s, first),
         on_close=lambda: _cancel_if_open(st, pool),
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
+    )
+
+
+async def job_events(job: Job, pool: WorkerPool, heartbeat_s: float, cancel_on_close: bool) -> AsyncIterator[bytes]:
+    """A job's SSE log from the start, then live; cancels the job on close only if asked (a
+    streaming ``/generate`` owns its job; ``/v1/jobs/{id}/events`` only watches)."""
+    try:
+        async for item in job.follow(heartbeat_s):
+            yield b": ping\n\n" if item is None else frame(*item)
+    finally:
+        if cancel_on_close:
+            _cancel_if_open(job.st, pool)
+
+
+def job_response(
+    job: Job, pool: WorkerPool, heartbeat_s: float, cancel_on_close: bool, headers: dict[str, str]
+) -> StreamingResponse:
+    on_close = (lambda: _cancel_if_open(job.st, pool)) if cancel_on_close else (lambda: None)
+    return _SSEResponse(
+        job_events(job, pool, heartbeat_s, cancel_on_close),
+        on_close=on_close,
         media_type="text/event-stream",
         headers={**SSE_HEADERS, **headers},
     )

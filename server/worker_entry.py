@@ -40,7 +40,10 @@ def _watch_parent(parent_pid: int, interval_s: float = 1.0) -> None:
             os._exit(3)
 
 
-def run_worker(target: str, log_level: str, parent_pid: int, config: Any, inbox: Any, outbox: Any) -> None:
+def run_worker(
+    target: str, log_level: str, parent_pid: int, config: Any, inbox: Any, outbox: Any, env: dict | None = None
+) -> None:
+    os.environ.update(env or {})  # before the target imports torch (OpenMP reads OMP_* once)
     logging.basicConfig(
         level=log_level.upper(),
         format=f"%(asctime)s %(levelname)s [worker {getattr(config, 'worker_index', '?')}] %(name)s: %(message)s",

@@ -31,6 +31,7 @@ from bitdance_core.engine.protocol import (
     Cancel,
     ErrorCode,
     GenerationRequest,
+    Heartbeat,
     RequestEvent,
     Shutdown,
     StepStats,
@@ -39,7 +40,7 @@ from bitdance_core.engine.protocol import (
     WorkerFatal,
     WorkerReady,
 )
-from server.errors import APIError
+from server.errors import REJECT_REASON_BY_CODE, APIError, outcome_of
 from server.mailbox import TERMINAL, RequestState
 from server.metrics import Metrics
 from server.settings import Settings
@@ -67,6 +68,9 @@ class WorkerHandle:
         self.completed = 0
         self.deaths_before_ready = 0
         self.last_exitcode: int | None = None
+        self.last_heard = time.monotonic()  # any message from the worker (heartbeats, events, stats)
+        self.engine: dict[str, Any] = {}  # the latest Heartbeat: the engine's own counts
+        self.hangs = 0
 
     @property
     def ready(self) -> bool:
@@ -81,7 +85,10 @@ class WorkerHandle:
             "in_flight": len(self.in_flight),
             "completed": self.completed,
             "restarts": self.restarts,
+            "hangs": self.hangs,
             "last_exitcode": self.last_exitcode,
+            "heard_s_ago": round(time.monotonic() - self.last_heard, 3),
+            "engine": dict(self.engine),
         }
 
 
@@ -112,6 +119,33 @@ class WorkerPool:
         atexit.register(self._kill_all)
         for w in self.workers:
             self._spawn(w)
+        self._loop.call_later(self._watch_interval, self._watchdog)
+
+    @property
+    def _watch_interval(self) -> float:
+        return max(0.1, min(1.0, self.settings.worker_hang_s / 4))
+
+    def _watchdog(self) -> None:
+        """Kill a ready worker that has work in flight but has not been heard of for ``worker_hang_s``
+        (its loop is stuck: a deadlock, a kernel that never returns, SIGSTOP)."""
+        if self.closed:
+            return
+        now = time.monotonic()
+        for w in self.workers:
+            silent = now - w.last_heard
+            if w.ready and w.in_flight and silent > self.settings.worker_hang_s:
+                self._on_hung(w, silent)
+        self._loop.call_later(self._watch_interval, self._watchdog)  # type: ignore[union-attr]
+
+    def _on_hung(self, w: WorkerHandle, silent: float) -> None:
+        logger.error(
+            "worker %d (pid %s) silent for %.1fs with %d request(s) in flight: killing it",
+            w.index, w.process.pid, silent, len(w.in_flight),
+        )  # fmt: skip
+        w.state, w.hangs = "hung", w.hangs + 1
+        self.metrics.hangs.inc()
+        self._fail_all(w, "worker_hung", f"model worker {w.index} stopped responding for {silent:.0f}s; restarting it")
+        w.process.kill()  # SIGKILL works on a stopped process too; the reader sees EOF -> restart
 
     def _kill_all(self) -> None:
         for w in self.workers:
@@ -124,7 +158,15 @@ class WorkerPool:
         inbox, outbox = self._ctx.Queue(), self._ctx.Queue()
         proc = self._ctx.Process(
             target=run_worker,
-            args=(self.settings.worker_target, self.settings.log_level, os.getpid(), w.config, inbox, outbox),
+            args=(
+                self.settings.worker_target,
+                self.settings.log_level,
+                os.getpid(),
+                w.config,
+                inbox,
+                outbox,
+                self.settings.worker_env(w.config.device),
+            ),
             name=f"bitdance-worker-{w.index}",
         )
         proc.start()
@@ -176,7 +218,7 @@ class WorkerPool:
     def _on_exit(self, w: WorkerHandle, gen: int, exitcode: int | None) -> None:
         if gen != w.generation:
             return
-        was_ready = w.ready
+        was_ready = w.ready or w.state == "hung"
         w.state, w.last_exitcode = ("stopped" if self.closed else "dead"), exitcode
         w.inbox.cancel_join_thread()  # never block our own exit flushing into a dead pipe
         self._fail_all(w, ErrorCode.WORKER_DIED.value, f"model worker {w.index} died (exit code {exitcode})")
@@ -229,7 +271,16 @@ class WorkerPool:
     def _on_message(self, w: WorkerHandle, gen: int, msg: Any) -> None:
         if gen != w.generation:
             return
-        if isinstance(msg, RequestEvent):
+        w.last_heard = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            w.engine = {
+                "busy": msg.busy,
+                "requests": msg.requests,
+                "used_rows": msg.used_rows,
+                "cancelled": msg.cancelled,
+                "freed_rows": msg.freed_rows,
+            }
+        elif isinstance(msg, RequestEvent):
             st = w.in_flight.get(msg.request_id)
             if st is not None:
                 self._on_event(w, st, getattr(msg.kind, "value", msg.kind), msg.data)
@@ -286,7 +337,10 @@ class WorkerPool:
         w = self.workers[st.worker_index]
         w.in_flight.pop(st.request_id, None)
         self.requests.pop(st.request_id, None)
-        self.metrics.requests.labels(st.status or ErrorCode.INTERNAL.value).inc()
+        code = st.status or ErrorCode.INTERNAL.value
+        self.metrics.requests.labels(outcome_of(code)).inc()
+        if code in REJECT_REASON_BY_CODE:
+            self.metrics.rejected.labels(REJECT_REASON_BY_CODE[code]).inc()
         if not w.in_flight:
             self.metrics.kv_usage.labels(str(w.index)).set(0)
 

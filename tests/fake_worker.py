@@ -10,6 +10,8 @@ for faults that are hard to trigger on a real model.
 Knobs (environment, inherited by the spawned process):
 - ``FAKE_WORKER_STEP_S``: seconds per engine step (default 0.01; raise it for slow requests).
 - ``FAKE_WORKER_LOAD_S``: seconds of "loading" before ``WorkerReady`` (default 0.05).
+- ``FAKE_WORKER_MAX_TOKENS``: the prompt's word limit (default 32).
+It sends ``Heartbeat`` from its loop like the real worker (with its own cancel / freed-row counts).
 Special prompts: ``__crash__`` kills the process (exit 1) when the request starts running,
 ``__fatal__`` sends ``WorkerFatal`` and exits 1, ``__hang__`` never finishes. A prompt of more
 than ``max_prompt_tokens`` words fails as the first event (``invalid_request``, field prompt).
@@ -18,7 +20,6 @@ than ``max_prompt_tokens`` words fails as the first event (``invalid_request``, 
 from __future__ import annotations
 
 import io
-import json
 import os
 import queue
 import random
@@ -34,6 +35,7 @@ from bitdance_core.engine.protocol import (
     ErrorCode,
     EventKind,
     GenerationRequest,
+    Heartbeat,
     RequestEvent,
     Shutdown,
     StepStats,
@@ -42,6 +44,7 @@ from bitdance_core.engine.protocol import (
     WorkerFatal,
     WorkerReady,
 )
+from bitdance_core.png_metadata import image_parameters, png_text
 
 DOWNSAMPLE, PARALLEL_NUM, BITS = 16, 4, 16
 SIZES = [[64, 64], [64, 128], [128, 64], [128, 128], [256, 256]]
@@ -49,7 +52,7 @@ LIMITS = {
     "steps": [1, 64],
     "guidance_scale": [1.0, 20.0],
     "num_images": [1, 4],
-    "max_prompt_tokens": 32,
+    "max_prompt_tokens": int(os.environ.get("FAKE_WORKER_MAX_TOKENS", "32")),
     "max_prompt_chars": 1000,
 }
 
@@ -64,7 +67,7 @@ class Job:
     events: list[Any] = field(default_factory=list)
 
 
-def _encode(img: Image.Image, fmt: str, text: dict[str, str] | None = None) -> bytes:
+def _encode(img: Image.Image, fmt: str, text: dict[str, str] | None = None, quality: int | None = None) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
@@ -72,7 +75,7 @@ def _encode(img: Image.Image, fmt: str, text: dict[str, str] | None = None) -> b
             info.add_text(k, v)
         img.save(buf, format="PNG", pnginfo=info)
     else:
-        img.save(buf, format={"jpeg": "JPEG", "webp": "WEBP"}[fmt], quality=85)
+        img.save(buf, format={"jpeg": "JPEG", "webp": "WEBP"}[fmt], quality=85 if quality is None else quality)
     return buf.getvalue()
 
 
@@ -107,6 +110,11 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
     waiting: deque[Job] = deque()
     running: list[Job] = []
     stopping: Shutdown | None = None
+    counts = {"cancelled": 0, "freed_rows": 0}
+    last_beat = 0.0
+
+    def rows(job: Job) -> int:
+        return job.req.num_images * (2 if job.req.guidance_scale > 1 else 1)
 
     def emit(rid: str, kind: EventKind, data: dict[str, Any]) -> None:
         outbox.put(RequestEvent(rid, kind, data))
@@ -138,6 +146,8 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
                 for job in list(jobs):
                     if job.req.request_id == msg.request_id:
                         jobs.remove(job)
+                        counts["cancelled"] += 1
+                        counts["freed_rows"] += rows(job) if jobs is running else 0
                         fail(msg.request_id, ErrorCode.CANCELLED, "cancelled")
         elif isinstance(msg, Shutdown):
             stopping = msg
@@ -157,6 +167,12 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
             pass
         if stopping is not None and not (waiting or running):
             break
+        now = time.monotonic()
+        if now - last_beat >= (0.5 if (waiting or running) else 2.0):
+            last_beat = now
+            used = sum(rows(j) for j in running)
+            outbox.put(Heartbeat(config.worker_index, bool(waiting or running), len(waiting) + len(running), used,
+                                 counts["cancelled"], counts["freed_rows"]))  # fmt: skip
         # 2) admit
         while waiting and len(running) < config.max_batch_requests:
             job = waiting.popleft()
@@ -220,23 +236,25 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
 def _completed(job: Job, model: str) -> dict[str, Any]:
     req = job.req
     n_tokens = (req.height // DOWNSAMPLE) * (req.width // DOWNSAMPLE)
-    params = {
-        "prompt": req.prompt,
-        "seed": req.seed,
-        "steps": req.steps,
-        "guidance_scale": req.guidance_scale,
-        "width": req.width,
-        "height": req.height,
-        "model": model,
+    params = image_parameters(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        seed=req.seed,
+        steps=req.steps,
+        guidance_scale=req.guidance_scale,
+        width=req.width,
+        height=req.height,
+        model=model,
+        num_images=req.num_images,
         **req.metadata,
-    }
+    )
     images = []
     for k in range(req.num_images):
         img = Image.new("RGB", (req.width, req.height), _colour(req.seed, 1000 + k))
         tokens = random.Random(req.seed + k).randbytes(n_tokens * BITS // 8) if req.return_tokens else None
         images.append(
             {
-                "data": _encode(img, req.output_format, {"parameters": json.dumps(params)}),
+                "data": _encode(img, req.output_format, png_text({**params, "index": k}), req.output_compression),
                 "format": req.output_format,
                 "tokens": tokens,
             }
@@ -248,5 +266,6 @@ def _completed(job: Job, model: str) -> dict[str, Any]:
         "height": req.height,
         "images": images,
         "token_shape": [n_tokens, BITS],
+        "prompt_tokens": len(req.prompt.split()),
         "timings": {"queue_s": job.started - job.submitted, "generation_s": now - job.started},
     }

@@ -12,6 +12,7 @@ Set ``BITDANCE_BROWSER_SCREENSHOT=/some/file.png`` to keep a screenshot of the f
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -317,6 +318,9 @@ def test_cancel_stops_the_request_on_the_server(driver, server_url: str, tmp_pat
     )
     assert driver.find_element(By.ID, "cancel").is_enabled()
     assert not driver.find_element(By.ID, "generate").is_enabled()
+    # both counts, named for what they are: patches (AR steps) and diffusion steps per patch
+    status = driver.find_element(By.ID, "status").text
+    assert re.fullmatch(r"Generating… patch \d+/256 · 50 diffusion steps each", status), status
     shot = os.environ.get("BITDANCE_BROWSER_SCREENSHOT")
     driver.save_screenshot(shot[:-4] + "-running.png" if shot else str(tmp_path / "running.png"))
     driver.find_element(By.ID, "cancel").click()

@@ -35,9 +35,11 @@ def test_generate_one_image(tmp_path, capsys):
     assert "generating" in captured.err  # the progress bar, on stderr
     img = Image.open(out)
     assert img.size == (128, 64) and img.mode == "RGB"
-    params = json.loads(img.text["parameters"])
+    params = json.loads(img.text["bitdance"])  # the server's format (bitdance_core/png_metadata.py)
     assert params["prompt"] == "a red circle" and params["seed"] == 42 and params["steps"] == 2
-    assert params["guidance"] == 3.0 and params["size"] == "128x64" and params["model"] == FIXTURE.name
+    assert params["guidance_scale"] == 3.0 and params["model"] == FIXTURE.name
+    assert "Seed: 42" in img.text["parameters"] and "Size: 128x64" in img.text["parameters"]
+    assert not any(str(tmp_path) in v or "/" in str(v) for v in params.values() if isinstance(v, str))
     assert (params["width"], params["height"]) == (128, 64)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]
 
@@ -60,8 +62,8 @@ def test_num_images_naming_and_random_seed(tmp_path, capsys):
     names = sorted(p.name for p in out.parent.iterdir())
     assert names == ["many-0.png", "many-1.png"]
     a, b = (Image.open(out.parent / n) for n in names)
-    assert json.loads(a.text["parameters"])["index"] == 0 and json.loads(b.text["parameters"])["index"] == 1
-    assert json.loads(a.text["parameters"])["seed"] == seed
+    assert json.loads(a.text["bitdance"])["index"] == 0 and json.loads(b.text["bitdance"])["index"] == 1
+    assert json.loads(a.text["bitdance"])["seed"] == seed
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     # the printed seed reproduces the run
     again = tmp_path / "again.png"
@@ -110,8 +112,8 @@ def test_make_checkpoint_then_generate(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(ck), "--prompt", "a blue square", "--seed", "3",
                      "--output", str(out), "--no-progress"]) == 0
     assert Image.open(out).size == (32, 64)
-    params = json.loads(Image.open(out).text["parameters"])
-    assert params["model"] == "ck" and params["steps"] == 3 and params["guidance"] == 2.5
+    params = json.loads(Image.open(out).text["bitdance"])
+    assert params["model"] == "ck" and params["steps"] == 3 and params["guidance_scale"] == 2.5
 
 
 def test_make_checkpoint_unknown_preset(tmp_path, capsys):

@@ -89,3 +89,32 @@ def test_set_backend_validates_and_resets():
 def test_auto_uses_xformers_on_cuda_without_mask():
     assert attn.resolve_backend(torch.device("cuda")) == "xformers"
     assert attn.resolve_backend(torch.device("cuda"), has_mask=True) == "sdpa"
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "dense", "per_row_keys"])
+def test_gqa_is_bit_exact_and_never_repeats_kv(mask_kind, monkeypatch):
+    """GQA goes through the kernel: identical bits to explicit repeat_interleave, and no K/V copy."""
+    q, k, v = _qkv(b=3, lq=6, lk=11, h=8, hkv=2)
+    g = torch.Generator().manual_seed(5)
+    mask = {"none": None, "causal": None, "dense": torch.rand(3, 1, 6, 11, generator=g) > 0.3,
+            "per_row_keys": torch.arange(11)[None, None, None, :] < torch.tensor([4, 11, 7])[:, None, None, None]}
+    m = mask[mask_kind]
+    if m is not None:
+        m[..., 0] = True
+    causal = mask_kind == "causal"
+    want = attn.attention(q, k.repeat_interleave(4, dim=2), v.repeat_interleave(4, dim=2), causal=causal, mask=m)
+
+    def no_repeat(*a, **kw):
+        raise AssertionError("K/V were repeated")
+
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
+    got = attn.attention(q, k, v, causal=causal, mask=m)
+    assert torch.equal(got, want)
+
+
+def test_folded_gqa_with_per_row_key_mask_matches_reference():
+    """The CUDA path for a per-row key mask (query heads folded into the query length), run on CPU."""
+    q, k, v = _qkv(b=3, lq=4, lk=10, h=8, hkv=2)
+    mask = torch.arange(10)[None, None, None, :] < torch.tensor([3, 10, 6])[:, None, None, None]
+    got = attn._sdpa_folded(q, k, v, mask, None)
+    torch.testing.assert_close(got, _reference(q, k, v, mask=mask.expand(3, 1, 4, 10)), atol=1e-5, rtol=1e-4)

@@ -320,3 +320,15 @@ def test_no_state_growth():
             assert len(value) == 0, name
         elif isinstance(value, list):
             assert sorted(value) == list(range(6)), name  # the free list, fully returned
+
+
+def test_prefill_row_budget_spreads_admission_over_steps():
+    s = Scheduler(SchedulerConfig(total_rows=64, max_seq_len=10, max_batch_requests=16, max_waiting=16,
+                                  max_prefill_rows=5))
+    for i in range(5):
+        assert s.submit(Ticket(f"r{i}", 2, 5, i)) is None
+    assert [a.request_id for a in s.schedule().admitted] == ["r0", "r1"]
+    assert [a.request_id for a in s.schedule().admitted] == ["r2", "r3"]
+    assert s.submit(Ticket("big", 8, 5, 9)) is None  # larger than the budget: admitted alone when first
+    assert [a.request_id for a in s.schedule().admitted] == ["r4"]
+    assert [a.request_id for a in s.schedule().admitted] == ["big"]

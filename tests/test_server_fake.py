@@ -66,9 +66,11 @@ def test_auth(srv: LiveServer) -> None:
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert anon.get("/info").status_code == 401
         bad = anon.post("/v1/images/generations", json={"prompt": "a"}, headers={"Authorization": "Bearer nope"})
-        assert bad.status_code == 401 and bad.json()["error"]["code"] == "unauthorized"
+        assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key"  # OpenAI's shape
+        assert bad.json()["error"]["type"] == "authentication_error" and "field" not in bad.json()["error"]
         assert anon.get("/info", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert metric(srv.metrics(), "bitdance_requests_rejected_total", 'reason="unauthorized"') >= 3
+    # the two generation requests count; /info is not a generation route
+    assert metric(srv.metrics(), "bitdance_requests_rejected_total", 'reason="unauthorized"') >= 2
 
 
 def test_cors_only_for_configured_origins(client: httpx.Client) -> None:
@@ -141,13 +143,20 @@ BAD_OPENAI = [
     ({"prompt": "a", "n": 9}, "n"),
     ({"prompt": "a", "stream": True, "partial_images": 5}, "partial_images"),
     ({"prompt": "a", "background": "transparent"}, "background"),
+    ({"prompt": "a", "style": "vivid"}, "style"),
+    ({"prompt": "a", "output_compression": 50}, "output_compression"),  # png
+    ({"prompt": "a", "quality": "high", "steps": 3}, "quality"),
+    ({"prompt": "a", "moderation": "low"}, "moderation"),
 ]
 
 
 @pytest.mark.parametrize(("body", "field"), BAD_OPENAI, ids=[c[1] for c in BAD_OPENAI])
-def test_openai_validation_422(client: httpx.Client, body: dict[str, Any], field: str) -> None:
+def test_openai_validation_400_in_openai_shape(client: httpx.Client, body: dict[str, Any], field: str) -> None:
     r = client.post("/v1/images/generations", json=body)
-    assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["param"] == field, err
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_request"
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def test_generate_json_with_tokens_and_png_parameters(client: httpx.Client) -> N
         assert len(decode_b64(image["tokens"])) == 4 * 8 * 16 // 8
         png = Image.open(io.BytesIO(decode_b64(image["b64_json"])))
         assert png.format == "PNG" and png.size == (128, 64)
-        params = json.loads(png.text["parameters"])
+        params = json.loads(png.text["bitdance"])
         assert params["prompt"] == "a red cube" and params["seed"] == 7
 
 
@@ -182,9 +191,12 @@ def test_sse_framing_and_order(client: httpx.Client) -> None:
         events = _stream(client, "/generate", body, headers=headers)
         kinds = [k for k, _ in events]
         assert kinds[0] == "queued" and kinds[-1] == "completed" and kinds.count("completed") == 1
-        assert set(kinds) <= {"queued", "progress", "preview", "completed"} and "preview" in kinds
+        assert set(kinds) <= {"queued", "started", "progress", "preview", "completed"} and "preview" in kinds
+        assert len(events[0][1]["id"]) == 32
         steps = [d["step"] for k, d in events if k == "progress"]
-        assert steps == sorted(steps) and steps[-1] == 16 and all(d["total_steps"] == 16 for k, d in events[1:-1])
+        assert steps == sorted(steps) and steps[-1] == 16
+        assert all(d["total_steps"] == d["patches"] == 16 for k, d in events if k in ("progress", "preview"))
+        assert all(d["patch"] == d["step"] and d["diffusion_steps"] == 4 for k, d in events if k == "progress")
         for k, d in events:
             if k == "preview":
                 assert decode_b64(d["b64_json"])[:4] == b"\x89PNG" and d["step"] < 16 and d["format"] == "png"
@@ -353,7 +365,7 @@ def test_load_test_script_loses_nothing(srv: LiveServer) -> None:
 
 def test_openai_client_errors(srv: LiveServer) -> None:
     client = OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
-    with pytest.raises(openai.UnprocessableEntityError, match="64x64"):
+    with pytest.raises(openai.BadRequestError, match="64x64"):
         client.images.generate(prompt="a", size="100x100")
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).images.generate(prompt="a")

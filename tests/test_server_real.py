@@ -9,6 +9,7 @@ BITDANCE_TEST_WORKER=fake).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from openai import OpenAI
 from PIL import Image
@@ -30,12 +32,15 @@ pytestmark = pytest.mark.slow
 REAL = real_worker_available()
 FAST = {"width": 64, "height": 64, "steps": 2}
 BATCHED = {"width": 128, "height": 128, "steps": 4}  # 16 AR steps: concurrent requests overlap in the engine
+HANG_S = 8  # --worker-hang-s: far above one engine step here, even on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[LiveServer]:
     env = {} if REAL else {"FAKE_WORKER_STEP_S": "0.02"}
-    server = LiveServer("--devices", "cpu,cpu", "--restart-backoff-s", "0.2", fake=not REAL, env=env)
+    server = LiveServer(
+        "--devices", "cpu,cpu", "--restart-backoff-s", "0.2", "--worker-hang-s", str(HANG_S), fake=not REAL, env=env
+    )  # fmt: skip
     try:
         server.wait_ready(180)
         wait_for(lambda: all(w["state"] == "ready" for w in server.info()["workers"]), 120, "both workers ready")
@@ -50,6 +55,19 @@ def slow(srv: LiveServer) -> dict[str, Any]:
     info = srv.info()
     w, h = max((tuple(int(v) for v in s.split("x")) for s in info["sizes"]), key=lambda s: s[0] * s[1])
     return {"prompt": "a slow one", "width": w, "height": h, "steps": min(50, info["limits"]["steps"][1])}
+
+
+@pytest.fixture(scope="module")
+def endless(srv: LiveServer) -> dict[str, Any]:
+    """A request far longer than any wait in these tests (tens of seconds), in short engine steps."""
+    info = srv.info()
+    w, h = max((tuple(int(v) for v in s.split("x")) for s in info["sizes"]), key=lambda s: s[0] * s[1])
+    return {"prompt": "an endless one", "width": w, "height": h, "steps": min(100, info["limits"]["steps"][1])}
+
+
+def _engine(srv: LiveServer, index: int) -> dict[str, Any]:
+    """The worker's own counts (its last heartbeat): requests held, KV rows used, cancels, rows freed."""
+    return next(w for w in srv.info()["workers"] if w["index"] == index)["engine"]
 
 
 def _png(b64: str) -> Image.Image:
@@ -153,17 +171,133 @@ def test_openai_client(srv: LiveServer) -> None:
     assert _png(events[-1].b64_json).size == (128, 128) and events[-1].size == "128x128"
 
 
-def test_disconnect_cancels_in_the_worker(srv: LiveServer, slow: dict[str, Any]) -> None:
-    def cancelled() -> float:
-        return metric(srv.metrics(), "bitdance_requests_total", 'status="cancelled"')
-
-    before = cancelled()
-    with srv.client() as c, c.stream("POST", "/generate", json={**slow, "stream": True}) as r:
+def test_disconnect_cancels_in_the_worker(srv: LiveServer, endless: dict[str, Any]) -> None:
+    """The engine itself frees the rows: its own cancel / freed-row counts move (a request that
+    finished by itself would not move them)."""
+    with srv.client() as c, c.stream("POST", "/generate", json={**endless, "stream": True}) as r:
         for kind, _ in iter_sse(r.iter_lines()):
             if kind == "progress":
                 break
-    wait_for(lambda: cancelled() >= before + 1, 20, "the worker's cancel event")
-    wait_for(lambda: metric(srv.metrics(), "bitdance_num_requests_running") == 0, 20, "rows freed")
+        busy = next(w for w in srv.info()["workers"] if w["in_flight"] == 1)
+        before = wait_for(lambda: (e := _engine(srv, busy["index"]))["used_rows"] > 0 and e, 5, "rows in use")
+    wait_for(lambda: _engine(srv, busy["index"])["cancelled"] == before["cancelled"] + 1, 20, "the engine's cancel")
+    after = _engine(srv, busy["index"])
+    assert after["freed_rows"] - before["freed_rows"] == 2  # cond + uncond row of the one image
+    assert after["used_rows"] == 0 and after["requests"] == 0
+    assert metric(srv.metrics(), "bitdance_requests_total", 'status="cancelled"') >= 1
+
+
+def test_job_end_to_end_and_delete(srv: LiveServer, endless: dict[str, Any]) -> None:
+    with srv.client() as c:
+        r = c.post("/v1/jobs", json={"prompt": "a job", "seed": 9, **FAST})
+        assert r.status_code == 202, r.text
+        job = r.json()
+        wait_for(lambda: c.get(job["status_url"]).json()["status"] == "succeeded", 60, "job succeeded")
+        body = c.get(job["status_url"]).json()
+        img = _png(body["result"]["images"][0]["b64_json"])
+        assert img.size == (64, 64) and body["result"]["seed"] == 9
+        with c.stream("GET", job["events_url"]) as ev:
+            events = list(iter_sse(ev.iter_lines()))
+        assert events[0][0] == "queued" and events[-1] == ("completed", body["result"])
+        progress = [d for k, d in events if k == "progress"]
+        patches = (64 // 16) ** 2 // srv.info()["parallel_num"]
+        assert progress[-1]["patches"] == patches and progress[-1]["diffusion_steps"] == 2
+        # the same image as /generate with the same inputs
+        direct = c.post("/generate", json={"prompt": "a job", "seed": 9, **FAST}).json()
+        assert _png(direct["images"][0]["b64_json"]).tobytes() == img.tobytes()
+        # DELETE a running job: the engine drops it and frees its rows
+        long_job = c.post("/v1/jobs", json=endless).json()
+        wait_for(lambda: (c.get(long_job["status_url"]).json()["progress"] or {}).get("patch", 0) >= 1, 60, "running")
+        index = next(w["index"] for w in srv.info()["workers"] if w["in_flight"] == 1)
+        before = _engine(srv, index)
+        assert c.delete(long_job["status_url"]).json()["status"] == "cancelled"
+        assert c.get(long_job["status_url"]).status_code == 410
+        wait_for(lambda: _engine(srv, index)["cancelled"] == before["cancelled"] + 1, 20, "engine cancel")
+        assert _engine(srv, index)["used_rows"] == 0
+
+
+def test_openai_fidelity(srv: LiveServer) -> None:
+    client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=120, max_retries=0)
+    model = srv.info()["model"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.images.generate(model="dall-e-3", prompt="a", size="64x64")
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a", size="64x64", style="vivid")
+    assert e.value.param == "style" and e.value.type == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="steps"):
+        client.images.generate(prompt="a", size="64x64", quality="low", extra_body={"steps": 3})
+    # quality -> steps per patch (recorded in the PNG's metadata), model by id and by alias
+    steps = srv.info()["openai"]["quality_steps"]
+    for name, quality in ((model, "low"), ("bitdance", "high")):
+        res = client.images.generate(model=name, prompt="a", size="32x32", quality=quality, extra_body={"seed": 1})
+        assert json.loads(_png(res.data[0].b64_json).text["bitdance"])["steps"] == steps[quality]
+        assert res.quality == quality
+    # usage counts the prompt's real tokens
+    short = client.images.generate(prompt="a cat", size="32x32", quality="low")
+    longer = client.images.generate(prompt="a cat sitting on a red chair in the sun", size="32x32", quality="low")
+    assert 0 < short.usage.input_tokens < longer.usage.input_tokens
+    assert short.usage.input_tokens == short.usage.input_tokens_details.text_tokens
+    # output_compression is the jpeg quality
+    sizes = []
+    for level in (5, 95):
+        res = client.images.generate(
+            prompt="a", size="128x128", output_format="jpeg", output_compression=level, quality="low",
+            extra_body={"seed": 2},
+        )  # fmt: skip
+        sizes.append(len(decode_b64(res.data[0].b64_json)))
+    assert sizes[0] < sizes[1], sizes
+    # streaming: usage in the completed event too
+    events = list(client.images.generate(prompt="a dog", size="64x64", stream=True, partial_images=1, quality="low"))
+    assert events[-1].type == "image_generation.completed" and events[-1].usage.input_tokens > 0
+
+
+def test_sigstop_worker_is_killed_and_restarted(srv: LiveServer, endless: dict[str, Any]) -> None:
+    hangs = metric(srv.metrics(), "bitdance_worker_hangs_total")
+    events: list[tuple[str, dict[str, Any]]] = []
+    progressed = threading.Event()
+
+    def victim() -> None:
+        with srv.client() as c, c.stream("POST", "/generate", json={**endless, "stream": True}) as r:
+            for ev in iter_sse(r.iter_lines()):
+                events.append(ev)
+                if ev[0] == "progress":
+                    progressed.set()
+
+    t = threading.Thread(target=victim)
+    t.start()
+    assert progressed.wait(60), events
+    busy = next(w for w in srv.info()["workers"] if w["in_flight"] == 1)
+    t0 = time.monotonic()
+    os.kill(busy["pid"], signal.SIGSTOP)
+    try:
+        t.join(HANG_S + 15)
+        assert not t.is_alive()
+        waited = time.monotonic() - t0
+        assert events[-1][0] == "error" and events[-1][1]["code"] == "worker_hung", events[-2:]
+        assert HANG_S - 1 < waited < HANG_S + 10, waited
+        ready = httpx.get(srv.url + "/readyz").json()
+        state = next(w for w in ready["worker_states"] if w["index"] == busy["index"])
+        assert state["hangs"] == 1 and state["state"] != "ready", ready
+        wait_for(lambda: not _alive(busy["pid"]), 10, "the stopped worker killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(busy["pid"], signal.SIGCONT)
+    wait_for(lambda: all(w["state"] == "ready" for w in srv.info()["workers"]), 180, "restarted")
+    assert next(w for w in srv.info()["workers"] if w["index"] == busy["index"])["pid"] != busy["pid"]
+    assert metric(srv.metrics(), "bitdance_worker_hangs_total") == hangs + 1
+    assert metric(srv.metrics(), "bitdance_requests_total", 'status="worker_hung"') >= 1
+    with srv.client() as c:
+        assert c.post("/generate", json={"prompt": "after the hang", **FAST}).status_code == 200
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead
+        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_kill9_errors_then_recovery(srv: LiveServer, slow: dict[str, Any]) -> None:

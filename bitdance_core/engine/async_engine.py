@@ -1,9 +1,11 @@
 """In-process asynchronous front of the engine: ``async for event in engine.generate(request)``.
 
-A background thread runs the engine's step loop; each request gets an ``asyncio.Queue`` fed with
+A background thread runs the same loop as the worker process (``loop.EngineLoop``) over a
+``queue.Queue`` of protocol messages; each request gets an ``asyncio.Queue`` fed with
 ``loop.call_soon_threadsafe``. Leaving the ``async for`` early (client gone) cancels the request
-in the engine. The server uses the worker process instead; this serves benchmarks, tests and
-embedding the engine in another asyncio program.
+in the engine. ``close()`` cancels what is left. A device error (``faults.EngineDead``) ends every
+stream with ``worker_died`` and every later ``generate`` at once. The server uses the worker process
+instead; this serves benchmarks, tests and embedding the engine in another asyncio program.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import queue
 import threading
 from collections.abc import AsyncIterator
 
-from ..serving_config import InvalidRequest
-from .protocol import ErrorCode, EventKind, GenerationRequest
+from .faults import EngineDead
+from .loop import EngineLoop, failed
+from .protocol import Cancel, ErrorCode, EventKind, GenerationRequest, Shutdown, Submit
 from .request import EngineEvent
 
 logger = logging.getLogger(__name__)
@@ -26,14 +29,18 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._stop = threading.Event()
+        self.dead: str | None = None  # why the engine died (a device error), else None
+        self._loop = EngineLoop(engine, self._emit, idle_wait_s=0.1)
         self._thread = threading.Thread(target=self._run, name="bitdance-engine", daemon=True)
         self._thread.start()
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[EngineEvent]:
+        if self.dead is not None:
+            yield failed(request.request_id, ErrorCode.WORKER_DIED, f"the engine is dead: {self.dead}")
+            return
         loop, q = asyncio.get_running_loop(), asyncio.Queue()
         self._streams[request.request_id] = (loop, q)
-        self._commands.put(("add", request))
+        self._commands.put(Submit(request))
         finished = False
         try:
             while True:
@@ -45,14 +52,13 @@ class AsyncEngine:
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:
-                self._commands.put(("cancel", request.request_id))
+                self._commands.put(Cancel(request.request_id))
 
     def cancel(self, request_id: str) -> None:
-        self._commands.put(("cancel", request_id))
+        self._commands.put(Cancel(request_id))
 
     def close(self) -> None:
-        self._stop.set()
-        self._commands.put(("noop", None))
+        self._commands.put(Shutdown(drain=False))
         self._thread.join(timeout=30)
 
     def _emit(self, ev: EngineEvent) -> None:
@@ -62,29 +68,10 @@ class AsyncEngine:
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            cmds: list = []
-            try:
-                idle = not self.engine.has_work()
-                cmds.append(self._commands.get(timeout=0.1) if idle else self._commands.get_nowait())
-                while True:
-                    cmds.append(self._commands.get_nowait())
-            except queue.Empty:
-                pass
-            for kind, arg in cmds:
-                if kind == "add":
-                    try:
-                        self._emit(self.engine.add_request(arg))
-                    except InvalidRequest as e:
-                        self._emit(EngineEvent(arg.request_id, EventKind.FAILED,
-                                               {"code": e.code, "message": str(e), "field": e.field}))
-                elif kind == "cancel":
-                    ev = self.engine.cancel(arg)
-                    if ev is not None:
-                        self._emit(ev)
-            if self.engine.has_work():
-                for ev in self.engine.step():
-                    self._emit(ev)
-        for rid in list(self.engine.requests):
-            self._emit(EngineEvent(rid, EventKind.FAILED, {"code": ErrorCode.SHUTTING_DOWN.value,
-                                                           "message": "engine closed"}))
+        try:
+            self._loop.run(self._commands)
+        except EngineDead as e:
+            self.dead = str(e)
+            logger.critical("engine dead: %s", e)
+            for rid in list(self._streams):
+                self._emit(failed(rid, ErrorCode.WORKER_DIED, f"the engine is dead: {e}"))

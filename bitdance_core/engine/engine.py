@@ -1,10 +1,13 @@
 """The batching engine: continuous batching of next-patch diffusion across requests.
 
-One ``step()`` = 1) admit waiting requests (FIFO, row budget) and prefill them in ONE batched
-forward; 2) for every running request, sample its next block with the diffusion head (one
-sampler call per distinct step count; conditional and unconditional rows of all requests
-together); 3) project the sampled blocks and run ONE prior forward for all rows, each at its own
-cache length; 4) decode finished requests, emit previews and events.
+One ``step()`` is schedule -> run -> update: 1) the scheduler admits waiting requests (FIFO, row
+budget); 2) the runner (runner.py) prefills them in ONE batched forward, samples the next block
+of every running request with the diffusion head and feeds the blocks back in ONE prior
+forward, with fixed shapes and no host sync; 3) the update phase turns the new tokens into
+events: progress, previews, final decodes (these may read the device; the step may not).
+
+What depends on the kind of model (prompts or class labels, position tables, guidance schedule,
+decode) lives in the model family (family.py); this file is the same for every family.
 
 Contract: a request's images equal the single-request pipeline's for the same parameters,
 whatever else shares its batch (its noise comes only from its own generator, in the same order).
@@ -16,41 +19,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..device import to_device
 from ..models.kv_cache import KVCache
-from ..models.projector import pos2d_table, sincos_1d, unpatchify_tokens
-from ..pipeline import to_uint8
-from ..prompts import PromptEncoder
-from ..resolutions import POS_TABLE_ROWS, SizeError
-from ..sampling import binarize, euler_maruyama, schedule
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
+from .engine_config import EngineConfig
+from .family import family_for
+from .faults import EngineDead, on_step_error, prefill_isolating
 from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
+from .runner import Runner
 from .scheduler import Scheduler, SchedulerConfig, Ticket
 
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when not configured
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_requests: int = 16
-    max_waiting: int = 64
-    kv_budget_bytes: int | None = None  # None: 90% of free memory on CUDA (after weights), 1 GiB on CPU
-    preview_every: int | None = None  # None: about 8 previews per image
-    preview_method: str = "auto"  # auto | full | linear
-    prefix_cache_entries: int = 32
-    profile: bool = False  # synchronise CUDA around phases so phase timings are exact
-    decode_batch: int = 1  # requests decoded together: bounds the decoder's full-size activations (memory plan)
 
 
 class Engine:
@@ -67,24 +54,18 @@ class Engine:
     # ---- setup -----------------------------------------------------------------------------
 
     def _init_model(self) -> None:
-        cfg = self.model.config
-        self.P, self.C, self.device = cfg.parallel_num, cfg.z_channels, self.model.placement.device
-        self.prompts = PromptEncoder(self.model.tokenizer, self.P)
-        self.sizes = self.serving.size_policy(cfg)
-        self._pos_1d = sincos_1d(cfg.llm.hidden_size // 2, POS_TABLE_ROWS).to(self.device)
-        self._pe: dict[tuple[int, int], torch.Tensor] = {}
-        self._t_emb: dict[int, torch.Tensor] = {}
-        self._uncond_prefix: OrderedDict = OrderedDict()
-        self.previews = PreviewRenderer(self.model.ae, cfg.patch_side, self.C, cfg.downsample,
+        self.family = family_for(self.model, self.serving)
+        self.P, self.C, self.device = self.family.parallel_num, self.family.z_channels, self.family.device
+        self.sizes = self.family.sizes
+        self.previews = PreviewRenderer(self.family.ae, self.family.latent, self.C, self.family.downsample,
                                         self.config.preview_method)
 
     def _init_cache(self) -> None:
-        cfg, lim = self.model.config, self.serving.limits
-        template = len(self.prompts.cond_ids(""))
+        lim, prior = self.serving.limits, self.family.prior
         max_tokens = max(h * w for h, w in (self.sizes.grid(H, W) for H, W in self.sizes.allowed()))
-        self.max_seq_len = template + lim.max_prompt_tokens + 2 + max_tokens
-        per_row = KVCache.bytes_per_token_row(cfg.llm.num_layers, cfg.llm.num_kv_heads, cfg.llm.head_dim,
-                                              self.model.llm.dtype) * self.max_seq_len
+        self.max_seq_len = self.family.max_prefix_len() + max_tokens - self.P
+        layers, kv_heads, head_dim = prior.kv_layout()
+        per_row = KVCache.bytes_per_token_row(layers, kv_heads, head_dim, prior.dtype) * self.max_seq_len
         budget = self.config.kv_budget_bytes
         if budget is None:
             if self.device.type == "cuda":
@@ -98,16 +79,16 @@ class Engine:
         if rows < 1:
             raise RuntimeError(f"KV budget {budget} bytes is below one row "
                                f"({per_row} bytes at {self.max_seq_len} tokens)")
-        self.cache = KVCache(cfg.llm.num_layers, rows, self.max_seq_len, cfg.llm.num_kv_heads, cfg.llm.head_dim,
-                             self.model.llm.dtype, self.device)
+        self.cache = KVCache(layers, rows, self.max_seq_len, kv_heads, head_dim, prior.dtype, self.device)
+        self.runner = Runner(self.family, self.cache, self.config.cuda_graphs, self.config.prefix_cache_entries)
         self.scheduler = Scheduler(SchedulerConfig(rows, self.max_seq_len, self.config.max_batch_requests,
-                                                   self.config.max_waiting))
+                                                   self.config.max_waiting, self.config.max_prefill_rows))
         logger.info("KV cache: %d rows x %d tokens = %.1f MiB", rows, self.max_seq_len, self.cache.nbytes / 2**20)
 
     def info(self) -> dict:
         cfg, s = self.model.config, self.serving
         h, w = s.default_size
-        return {
+        return {**self.family.info(),
             "model": cfg.name, "model_dir": cfg.model_dir, "parallel_num": self.P, "downsample": cfg.downsample,
             "sizes": [list(x) for x in self.sizes.allowed()], "default_size": [h, w],
             "defaults": {"steps": s.default_steps, "guidance_scale": s.default_guidance, "num_images": 1},
@@ -116,7 +97,7 @@ class Engine:
             "attention_backend": __import__("bitdance_core.attention", fromlist=["x"]).resolve_backend(self.device),
             "preview_every": self.preview_every_for(h, w), "preview_method": self.previews.method,
             "max_batch_requests": self.config.max_batch_requests, "max_waiting": self.config.max_waiting,
-            "kv_rows": self.cache.rows, "max_seq_len": self.max_seq_len,
+            "kv_rows": self.cache.rows, "max_seq_len": self.max_seq_len, "cuda_graphs": self.runner.use_graphs,
         }
 
     def preview_every_for(self, height: int, width: int) -> int:
@@ -131,19 +112,8 @@ class Engine:
         if req.request_id in self.requests:
             raise InvalidRequest(f"duplicate request id {req.request_id}", field="request_id")
         self.serving.limits.check(req)
-        try:
-            h, w = self.sizes.grid(req.height, req.width)
-        except SizeError as e:
-            raise InvalidRequest(str(e), field="size") from e
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is not None and (n := self.prompts.count_user_tokens(text)) > self.serving.limits.max_prompt_tokens:
-                raise InvalidRequest(f"{name} is {n} tokens long; at most {self.serving.limits.max_prompt_tokens} "
-                                     "tokens are allowed", field=name)
-        use_cfg = req.guidance_scale > 1.0
         st = RequestState(
-            req=req, h=h, w=w, total_steps=(h * w) // self.P,
-            cond_ids=self.prompts.cond_ids(req.prompt),
-            uncond_ids=self.prompts.uncond_ids(req.negative_prompt) if use_cfg else None,
+            req=req, prep=self.family.prepare(req),
             preview_every=self.preview_every_for(req.height, req.width) if req.preview_every is None
             else req.preview_every,
             generator=torch.Generator(device=self.device).manual_seed(req.seed),
@@ -183,6 +153,7 @@ class Engine:
     # ---- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[EngineEvent]:
+        """schedule -> run (the runner: no host sync) -> update (events, previews, final decodes)."""
         events: list[EngineEvent] = []
         phases = dict.fromkeys(("prefill", "head", "projector", "prior", "decode", "preview"), 0.0)
         self.last_phases = phases
@@ -197,17 +168,16 @@ class Engine:
                     st.slots, st.started = a.slots, time.monotonic()
                     self._positions.pop(st.id, None)
                     events.append(EngineEvent(st.id, EventKind.STARTED, {"queue_s": st.started - st.arrival}))
-                self._prefill(admitted)
+                events.extend(prefill_isolating(self, self.runner.prefill, admitted))
+                running = [st for st in running if st.id in self.requests]
                 phases["prefill"] = self._tick() - t0
             if running:
-                self._ar_step(running, events, phases)
-        except Exception as e:  # noqa: BLE001 - one bad batch must not take the engine down
-            logger.exception("engine step failed; failing %d running requests", len(running))
-            for st in running:
-                self.requests.pop(st.id, None)
-                self.scheduler.cancel(st.id)
-                events.append(EngineEvent(st.id, EventKind.FAILED, {"code": ErrorCode.INTERNAL.value,
-                                                                    "message": f"generation failed: {e}"}))
+                phases.update(self.runner.step(running, self._tick))
+                self._update(running, events, phases)
+        except EngineDead:
+            raise
+        except Exception as e:  # noqa: BLE001 - the fault ladder: fatal (raises EngineDead), OOM, this batch
+            events.extend(on_step_error(self, e, [st for st in running if st.id in self.requests]))
         for rid in self.scheduler.waiting_ids():  # queue positions that moved
             pos = self.scheduler.queue_position(rid)
             if self._positions.get(rid) != pos:
@@ -220,116 +190,8 @@ class Engine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _time_table(self, steps: int) -> torch.Tensor:
-        """Head time embeddings of every sampler evaluation for a step count (the same at every AR step)."""
-        if steps not in self._t_emb:
-            sch = schedule(steps, self.model.config.time_shift, str(self.device))
-            self._t_emb[steps] = self.model.head.time_table(sch.t_values)
-        return self._t_emb[steps]
-
-    def _pos(self, h: int, w: int) -> torch.Tensor:
-        key = (h, w)
-        if key not in self._pe:
-            self._pe[key] = pos2d_table(h, w, self.model.config.patch_side, self.model.config.llm.hidden_size,
-                                        self._pos_1d)
-        return self._pe[key]
-
-    @torch.inference_mode()
-    def _prefill(self, batch: list[RequestState]) -> None:
-        """One forward over the unique prefixes of the admitted requests; copies fill the other rows."""
-        llm, cache, P = self.model.llm, self.cache, self.P
-        rows: list[tuple[int, list[int]]] = []  # (slot, ids) actually computed
-        pending: dict[tuple, int] = {}  # uncond key -> slot computing it in this batch
-        for st in batch:
-            cache.reset(st.slots)
-            prefix = self.prompts.image_prefix_ids(st.h, st.w)
-            rows.append((st.cond_slots[0], st.cond_ids + prefix))
-            if st.use_cfg:
-                key = (st.h, st.w, st.req.negative_prompt)
-                if key not in self._uncond_prefix and key not in pending:
-                    pending[key] = st.uncond_slots[0]
-                    rows.append((st.uncond_slots[0], st.uncond_ids + prefix))
-        slots = [s for s, _ in rows]
-        lengths = [len(ids) for _, ids in rows]
-        longest = max(lengths)
-        ids = torch.zeros(len(rows), longest, dtype=torch.long)
-        for r, (_, x) in enumerate(rows):
-            ids[r, : len(x)] = torch.tensor(x)
-        plan = llm.plan_cached(cache, slots, lengths, longest, block=P)
-        hidden = llm(llm.embed_tokens(to_device(ids, self.device)), plan)
-        last = to_device(lengths, self.device)[:, None] - P + torch.arange(P, device=self.device)
-        hid = hidden.gather(1, last[:, :, None].expand(len(rows), P, hidden.shape[-1]))
-        by_slot = {s: hid[r] for r, s in enumerate(slots)}
-        for key, slot in pending.items():
-            k, v = cache.export_prefix(slot)
-            self._uncond_prefix[key] = (k, v, by_slot[slot].clone())
-            while len(self._uncond_prefix) > self.config.prefix_cache_entries:
-                self._uncond_prefix.popitem(last=False)
-        for st in batch:
-            B, src = st.num_images, st.cond_slots[0]
-            n = cache.lengths[src]
-            st.hidden = torch.empty(st.rows, P, hidden.shape[-1], dtype=hidden.dtype, device=self.device)
-            st.hidden[:B] = by_slot[src]
-            for dst in st.cond_slots[1:]:
-                cache.k[:, dst, :n] = cache.k[:, src, :n]
-                cache.v[:, dst, :n] = cache.v[:, src, :n]
-                cache.lengths[dst] = n
-            if st.use_cfg:
-                key = (st.h, st.w, st.req.negative_prompt)
-                self._uncond_prefix.move_to_end(key)
-                k, v, h_u = self._uncond_prefix[key]
-                for dst in st.uncond_slots:
-                    if cache.lengths[dst] == 0:
-                        cache.copy_prefix(dst, k, v)
-                st.hidden[B:] = h_u
-            st.tokens = torch.zeros(B, st.h * st.w, self.C, device=self.device)
-
-    @torch.inference_mode()
-    def _ar_step(self, running: list[RequestState], events: list[EngineEvent], phases: dict) -> None:
-        m, P = self.model, self.P
+    def _update(self, running: list[RequestState], events: list[EngineEvent], phases: dict) -> None:
         t0 = self._tick()
-        groups: dict[int, list[RequestState]] = {}
-        for st in running:
-            groups.setdefault(st.req.steps, []).append(st)
-        pe_s = {st.id: self._pos(st.h, st.w)[st.step * P : (st.step + 1) * P] for st in running}
-        bits_of: dict[str, torch.Tensor] = {}
-        for steps, reqs in groups.items():
-            c_cond = [st.hidden[: st.num_images].float() + pe_s[st.id] for st in reqs]
-            c_unc = [st.hidden[st.num_images :].float() + pe_s[st.id] for st in reqs if st.use_cfg]
-            cond = m.head.condition(torch.cat(c_cond + c_unc).to(m.head.dtype))
-            guidance = [st.req.guidance_scale for st in reqs for _ in range(st.num_images)]
-
-            def noise(reqs=reqs):
-                return torch.cat([torch.randn((st.num_images, P, self.C), generator=st.generator, device=self.device)
-                                  for st in reqs])
-
-            t_emb = self._time_table(steps)
-            def predict(xr, tr, i, cond=cond, te=t_emb):
-                return m.head.predict(xr, tr, cond, te[i])
-
-            x = euler_maruyama(predict, noise, guidance, steps, m.config.time_shift, device=self.device)
-            for st, bits in zip(reqs, binarize(x).split([st.num_images for st in reqs])):
-                bits_of[st.id] = bits
-        t1 = self._tick()
-        phases["head"] = t1 - t0
-        feed, feed_rows = [], []
-        for st in running:
-            bits = bits_of[st.id]
-            st.tokens[:, st.step * P : (st.step + 1) * P] = bits
-            st.step += 1
-            if st.step < st.total_steps:
-                emb = m.projector(bits).float() + pe_s[st.id]
-                feed.append(st)
-                feed_rows.append(torch.cat([emb, emb]) if st.use_cfg else emb)
-        t2 = self._tick()
-        phases["projector"] = t2 - t1
-        if feed:
-            slots = [s for st in feed for s in st.slots]
-            hidden = m.llm(torch.cat(feed_rows), m.llm.plan_cached(self.cache, slots, [P] * len(slots), P, block=P))
-            for st, h in zip(feed, hidden.split([st.rows for st in feed])):
-                st.hidden = h
-        t3 = self._tick()
-        phases["prior"] = t3 - t2
         finished = [st for st in running if st.step == st.total_steps]
         if finished:
             events.extend(self._finish(finished))
@@ -338,9 +200,8 @@ class Engine:
                 events.append(EngineEvent(st.id, EventKind.PROGRESS, {"step": st.step, "total_steps": st.total_steps}))
                 if st.preview_every > 0 and st.step % st.preview_every == 0:
                     events.append(self._preview(st))
-        t4 = self._tick()
         phases["decode"] = sum(e.data.get("decode_s", 0.0) for e in events if e.kind is EventKind.COMPLETED)
-        phases["preview"] = t4 - t3 - phases["decode"]
+        phases["preview"] = self._tick() - t0 - phases["decode"]
 
     def _preview(self, st: RequestState) -> EngineEvent:
         img = self.previews.render(st.tokens, st.h, st.w)
@@ -350,21 +211,21 @@ class Engine:
         return EngineEvent(st.id, EventKind.PREVIEW, {"step": st.step, "total_steps": st.total_steps, "images": img,
                                                       "since_arrival_s": now - st.arrival})
 
+    @torch.inference_mode()
     def _finish(self, done: list[RequestState]) -> list[EngineEvent]:
         """Decode finished requests, one batched decode per latent size (per request for a GAN decoder,
         whose noise comes from each request's generator)."""
-        ae, ps = self.model.ae, self.model.config.patch_side
         groups: dict[tuple, list[RequestState]] = {}
         for st in done:
-            key = (st.h, st.w) if not ae.gan_decoder else (st.id,)
+            key = (st.id,) if getattr(self.family.ae, "gan_decoder", False) else (st.h, st.w)
             groups.setdefault(key, []).append(st)
         events = []
         chunks = [g[i : i + self.config.decode_batch] for g in groups.values()
                   for i in range(0, len(g), self.config.decode_batch)]
         for reqs in chunks:
             t0 = time.perf_counter()
-            latent = torch.cat([unpatchify_tokens(st.tokens, st.h, st.w, ps) for st in reqs])
-            images = to_uint8(ae.decode(latent.to(ae.dtype), generator=reqs[0].generator))
+            images = self.family.decode(torch.cat([st.tokens for st in reqs]), reqs[0].h, reqs[0].w,
+                                        reqs[0].generator)
             decode_s = (time.perf_counter() - t0) / len(reqs)
             for st, imgs in zip(reqs, np.split(images, np.cumsum([st.num_images for st in reqs])[:-1])):
                 events.append(self._completed(st, imgs, decode_s))
@@ -389,13 +250,13 @@ class Engine:
         few AR steps after its prefill (the steady-state cost of a step), then cancelled.
         """
         H, W = min(self.sizes.allowed(), key=lambda s: s[0] * s[1])
-        self.add_request(GenerationRequest("__warmup__", "warm up", H, W, seed=0, steps=2, guidance_scale=2.0,
-                                           preview_every=0))
+        self.add_request(self.family.example_request("__warmup__", H, W, seed=0, steps=2, guidance_scale=2.0,
+                                                     preview_every=0))
         while self.has_work():
             self.step()
         dh, dw = self.serving.default_size
-        self.add_request(GenerationRequest("__warmup2__", "warm up", dh, dw, seed=0, steps=self.serving.default_steps,
-                                           guidance_scale=self.serving.default_guidance, preview_every=0))
+        self.add_request(self.family.example_request("__warmup2__", dh, dw, seed=0, steps=self.serving.default_steps,
+                                                     guidance_scale=self.serving.default_guidance, preview_every=0))
         self.step()  # prefill + first step
         n = min(3, self.requests["__warmup2__"].total_steps - 1)
         t0 = time.perf_counter()

@@ -23,8 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.projector import unpatchify_tokens
-
 logger = logging.getLogger(__name__)
 
 
@@ -34,8 +32,9 @@ def default_preview_every(total_steps: int, previews: int = 8) -> int:
 
 
 class PreviewRenderer:
-    def __init__(self, ae, patch_side: int, z_channels: int, downsample: int, method: str = "auto"):
-        self.ae, self.ps, self.c, self.f = ae, patch_side, z_channels, downsample
+    def __init__(self, ae, latent, z_channels: int, downsample: int, method: str = "auto"):
+        """``latent(tokens, h, w)``: the model family's un-patchify, ``(B, h*w, C)`` -> ``(B, C, h, w)``."""
+        self.ae, self.latent, self.c, self.f = ae, latent, z_channels, downsample
         self.method = method
         self.linear: torch.Tensor | None = None  # (C + 1, 3)
 
@@ -57,12 +56,12 @@ class PreviewRenderer:
         if self.method == "linear":
             if self.linear is None:
                 self.fit_linear()
-            lat = unpatchify_tokens(tokens.float().cpu(), h, w, self.ps)  # (B, C, h, w)
+            lat = self.latent(tokens.float().cpu(), h, w)  # (B, C, h, w)
             x = torch.cat([lat.permute(0, 2, 3, 1), torch.ones(*lat.shape[:1], h, w, 1)], dim=-1)
             rgb = (x @ self.linear).clamp(-1, 1)  # (B, h, w, 3)
             img = F.interpolate(rgb.permute(0, 3, 1, 2), scale_factor=self.f, mode="nearest")
         else:
-            lat = unpatchify_tokens(tokens, h, w, self.ps)
+            lat = self.latent(tokens, h, w)
             img = self.ae.decode(lat.to(self.ae.dtype)).float()
         return torch.clamp(127.5 * img + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 

@@ -1,7 +1,8 @@
 """Messages between the HTTP process and a model-worker process.
 
 This module is the whole contract between ``server/`` (which never imports torch) and the
-worker (which owns the device). It imports nothing but the standard library. Messages are
+worker (which owns the device). It imports nothing but the standard library (and the
+torch-free ``engine_config``, the owner of the engine's defaults). Messages are
 small frozen dataclasses sent over ``multiprocessing`` queues; images travel as already
 encoded bytes (PNG/JPEG/WebP), binary tokens as packed bits, never as pickled tensors.
 
@@ -13,6 +14,7 @@ Flow::
     API  <--WorkerReady(info)---------   worker      (after load + warm-up; readiness)
     API  <--RequestEvent(id, kind, data) worker      (queued, started, progress, preview, completed, failed)
     API  <--StepStats(...)------------   worker      (one per engine step, for metrics)
+    API  <--Heartbeat(...)------------   worker      (from the loop: every ~0.5 s with work, ~2 s idle)
     API  <--WorkerFatal(message)------   worker      (then the worker exits non-zero)
 
 Every accepted request ends with exactly one ``completed`` or ``failed`` event.
@@ -21,10 +23,12 @@ Every accepted request ends with exactly one ``completed`` or ``failed`` event.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-PROTOCOL_VERSION = 1
+from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULTS, EngineConfig
+
+PROTOCOL_VERSION = 2  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version
 
 
 class EventKind(str, enum.Enum):
@@ -44,6 +48,7 @@ class ErrorCode(str, enum.Enum):
     TIMEOUT = "timeout"  # per-request deadline passed (HTTP 504)
     WORKER_DIED = "worker_died"  # the worker process died mid-request (HTTP 503)
     SHUTTING_DOWN = "shutting_down"  # draining, no new work (HTTP 503)
+    OUT_OF_MEMORY = "out_of_memory"  # the step ran out of device memory; the worker goes on (HTTP 503)
     INTERNAL = "internal_error"  # anything else (HTTP 500)
 
 
@@ -56,13 +61,14 @@ class GenerationRequest:
     height: int
     width: int
     seed: int
-    steps: int = 50  # diffusion sampling steps per AR step
-    guidance_scale: float = 7.5  # <= 1 disables classifier-free guidance
+    steps: int = DEFAULT_STEPS  # diffusion sampling steps per AR step
+    guidance_scale: float = DEFAULT_GUIDANCE  # <= 1 disables classifier-free guidance
     num_images: int = 1
     negative_prompt: str | None = None  # replaces the unconditional prompt when given
     preview_every: int | None = None  # AR steps between previews; None = engine default; 0 = none
     output_format: str = "png"  # png | jpeg | webp (final images, encoded by the worker)
     return_tokens: bool = False
+    output_compression: int | None = None  # jpeg/webp encoder quality 0..100 (None = encoder default)
     metadata: dict[str, str] = field(default_factory=dict)  # extra PNG text chunk entries
 
 
@@ -85,6 +91,7 @@ class Shutdown:
 class WorkerReady:
     worker_index: int
     info: dict[str, Any]  # model name, parallel_num, sizes, limits, device, dtype, attention backend, ...
+    protocol_version: int = PROTOCOL_VERSION
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,18 @@ class StepStats:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Sent by the worker's own loop (never a side thread), so silence means the loop is stuck."""
+
+    worker_index: int
+    busy: bool  # the engine has requests
+    requests: int  # requests the engine holds (waiting + running)
+    used_rows: int  # KV rows in use now
+    cancelled: int  # requests dropped by ``Cancel`` since the worker started
+    freed_rows: int  # KV rows those cancels released (the engine's own count)
+
+
+@dataclass(frozen=True)
 class WorkerFatal:
     worker_index: int
     message: str
@@ -116,6 +135,7 @@ class WorkerFatal:
 #    "images": [{"data": bytes, "format": "png"|"jpeg"|"webp",
 #                "tokens": bytes | None}],          # packed bits (np.packbits of (N, C) 0/1, big-endian bit order)
 #    "token_shape": [N, C],
+#    "prompt_tokens": int,                            # tokens of the (user) prompt, for OpenAI usage
 #    "timings": {"queue_s": float, "generation_s": float}}
 
 
@@ -127,13 +147,21 @@ class WorkerConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str | None = None  # None = policy (float32 on CPU, bfloat16 on CUDA)
     attention_backend: str = "auto"  # auto | sdpa | xformers
-    max_batch_requests: int = 16  # most requests in one engine step
-    max_waiting: int = 64  # bounded waiting queue (beyond it: queue_full)
-    kv_budget_bytes: int | None = None  # None: derived (free memory on CUDA, a fixed default on CPU)
-    preview_every: int | None = None  # engine default cadence; None = about 8 previews per image
-    preview_format: str = "jpeg"
+    # the engine's knobs: defaults owned by EngineConfig (engine_config.py)
+    max_batch_requests: int = DEFAULTS.max_batch_requests
+    max_waiting: int = DEFAULTS.max_waiting
+    kv_budget_bytes: int | None = DEFAULTS.kv_budget_bytes
+    preview_every: int | None = DEFAULTS.preview_every
+    cuda_graphs: str = DEFAULTS.cuda_graphs
     sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) allowed; None = checkpoint policy
     warmup: bool = True
     worker_index: int = 0
     threads: int | None = None  # torch intra-op threads on CPU
     quantize: str = "none"  # weight-only quantisation of the prior at load: none | int8 | fp8 (bitdance_core.quantize)
+    interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default
+    protocol_version: int = PROTOCOL_VERSION  # the API process's; the worker refuses to start on a mismatch
+
+    def engine_config(self) -> EngineConfig:
+        return replace(DEFAULTS, max_batch_requests=self.max_batch_requests, max_waiting=self.max_waiting,
+                       kv_budget_bytes=self.kv_budget_bytes, preview_every=self.preview_every,
+                       cuda_graphs=self.cuda_graphs)

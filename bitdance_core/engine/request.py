@@ -2,8 +2,8 @@
 
 A request owns: its parameters, its ``torch.Generator`` (seeded from the request seed; all its
 noise comes from there, in the single-request pipeline's draw order), its KV-cache slots
-(conditional rows first, then unconditional rows when guidance > 1), its hidden states for the
-next block, and its token buffer. Nothing here is shared between requests.
+(conditional rows first, then unconditional rows when guidance > 1) and its token buffer (its
+hidden states live in the runner's per-slot buffer). Nothing here is shared between requests.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..serving_config import InvalidRequest  # noqa: F401  (re-exported)
+from .family import Prepared
 from .protocol import EventKind, GenerationRequest
 
 
@@ -28,19 +29,15 @@ class EngineEvent:
 @dataclass
 class RequestState:
     req: GenerationRequest
-    h: int  # latent grid rows
-    w: int  # latent grid columns
-    total_steps: int  # T = h * w / P
-    cond_ids: list[int]
-    uncond_ids: list[int] | None  # None when guidance <= 1
+    prep: Prepared  # what the model family made of the request (grid, prefixes, AR steps)
     preview_every: int
     generator: torch.Generator
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None
     first_preview: float | None = None
     slots: tuple[int, ...] = ()
+    slot_index: torch.Tensor | None = None  # the slots as a device tensor
     step: int = 0  # AR steps done
-    hidden: torch.Tensor | None = None  # (rows, P, D) predictors of the next block
     tokens: torch.Tensor | None = None  # (B, N, C) float ±1, filled block by block
     cancelled: bool = False
 
@@ -49,12 +46,24 @@ class RequestState:
         return self.req.request_id
 
     @property
+    def h(self) -> int:  # latent grid rows
+        return self.prep.h
+
+    @property
+    def w(self) -> int:  # latent grid columns
+        return self.prep.w
+
+    @property
+    def total_steps(self) -> int:  # T
+        return self.prep.total_steps
+
+    @property
     def num_images(self) -> int:
         return self.req.num_images
 
     @property
     def use_cfg(self) -> bool:
-        return self.req.guidance_scale > 1.0
+        return self.prep.uses_cfg
 
     @property
     def rows(self) -> int:
@@ -70,5 +79,4 @@ class RequestState:
 
     def seq_len(self, parallel_num: int) -> int:
         """Most tokens any of this request's rows holds (the last block is never fed back)."""
-        longest = max(len(self.cond_ids), len(self.uncond_ids or []))
-        return longest + parallel_num + 2 + self.h * self.w - parallel_num
+        return max(self.prep.cond_len, self.prep.uncond_len) + self.h * self.w - parallel_num

@@ -19,6 +19,8 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from .engine_config import DEFAULTS
+
 
 class RejectReason(str, enum.Enum):
     QUEUE_FULL = "queue_full"  # the waiting queue holds max_waiting requests already
@@ -31,8 +33,9 @@ class SchedulerConfig:
 
     total_rows: int
     max_seq_len: int
-    max_batch_requests: int = 16
-    max_waiting: int = 64
+    max_batch_requests: int = DEFAULTS.max_batch_requests
+    max_waiting: int = DEFAULTS.max_waiting
+    max_prefill_rows: int | None = DEFAULTS.max_prefill_rows  # rows admitted (prefilled) per step; None: any
 
     def __post_init__(self) -> None:
         for name in ("total_rows", "max_seq_len", "max_batch_requests"):
@@ -80,6 +83,7 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
+        self._max_batch = config.max_batch_requests  # lowered by the engine after an out-of-memory
         self._waiting: OrderedDict[str, Ticket] = OrderedDict()
         self._running: dict[str, tuple[int, ...]] = {}  # insertion order = admission order
         self._free: list[int] = list(range(config.total_rows))  # a min-heap of free slots
@@ -120,13 +124,19 @@ class Scheduler:
         self._release(request_id)
 
     def schedule(self) -> StepPlan:
-        """Admit waiting requests in strict FIFO order while the head fits (enough free rows
-        and fewer than ``max_batch_requests`` running); stop at the first one that does not."""
+        """Admit waiting requests in strict FIFO order while the head fits (enough free rows,
+        fewer than ``max_batch_requests`` running, and within ``max_prefill_rows`` rows admitted in
+        this step, the first always admitted); stop at the first one that does not."""
         admitted: list[Admitted] = []
-        while self._waiting and len(self._running) < self.config.max_batch_requests:
+        budget = self.config.max_prefill_rows
+        while self._waiting and len(self._running) < self._max_batch:
             rid, ticket = next(iter(self._waiting.items()))
             if ticket.rows > len(self._free):
                 break
+            if admitted and budget is not None and ticket.rows > budget:
+                break  # the prefill's row budget: the rest waits for the next step (bounds its memory)
+            if budget is not None:
+                budget -= ticket.rows
             del self._waiting[rid]
             slots = tuple(sorted(heapq.heappop(self._free) for _ in range(ticket.rows)))
             self._running[rid] = slots
@@ -136,6 +146,17 @@ class Scheduler:
     def _release(self, request_id: str) -> None:
         for slot in self._running.pop(request_id):
             heapq.heappush(self._free, slot)
+
+    @property
+    def max_batch_requests(self) -> int:
+        """The admission limit now (``config.max_batch_requests`` unless lowered)."""
+        return self._max_batch
+
+    def set_max_batch_requests(self, n: int) -> None:
+        """Change the admission limit (1 .. ``config.max_batch_requests``); running requests are kept."""
+        if not 1 <= n <= self.config.max_batch_requests:
+            raise ValueError(f"max_batch_requests must be in 1..{self.config.max_batch_requests}, got {n}")
+        self._max_batch = n
 
     # -- inspection ----------------------------------------------------------------------------
 

@@ -8,17 +8,17 @@
    messages on the outbox in order, so encoding never stalls the device loop;
 3) ``Shutdown(drain=True)``: refuse new work, finish what runs, exit 0.
 
-A failure to load is a ``WorkerFatal`` and exit code 1; the parent restarts the worker. The
-worker exits by itself if its parent dies.
+A failure to load, a protocol version other than the API process's, or a device error in a step
+(``faults.EngineDead``) is a ``WorkerFatal`` and exit code 1; the parent fails the worker's requests
+with ``worker_died`` and restarts it. An out-of-memory fails only its step's requests
+(``faults.py``). The worker exits by itself if its parent dies.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import queue
 import sys
 import threading
 import time
@@ -26,47 +26,44 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..png_metadata import image_parameters
+from .faults import EngineDead
+from .loop import EngineLoop
 from .protocol import (
-    Cancel,
+    PROTOCOL_VERSION,
     ErrorCode,
     EventKind,
+    Heartbeat,
     RequestEvent,
-    Shutdown,
     StepStats,
-    Submit,
     WorkerConfig,
     WorkerFatal,
     WorkerReady,
 )
 
 logger = logging.getLogger(__name__)
+HEARTBEAT_BUSY_S, HEARTBEAT_IDLE_S = 0.5, 2.0
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
-def encode_image(array: np.ndarray, fmt: str, params: dict | None = None) -> bytes:
+def encode_image(array: np.ndarray, fmt: str, params: dict | None = None, quality: int | None = None) -> bytes:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
+
+    from ..png_metadata import png_text
 
     img = Image.fromarray(array)
     buf = io.BytesIO()
     kw: dict = {}
     if fmt == "png" and params:
         info = PngInfo()
-        info.add_text("parameters", _a1111_parameters(params))
-        info.add_text("bitdance", json.dumps(params, sort_keys=True))
+        for key, value in png_text(params).items():
+            info.add_text(key, value)
         kw["pnginfo"] = info
     elif fmt in ("jpeg", "jpg", "webp"):
-        kw["quality"] = 90
+        kw["quality"] = 90 if quality is None else int(quality)
     img.save(buf, format=_PIL_FORMAT[fmt], **kw)
     return buf.getvalue()
-
-
-def _a1111_parameters(p: dict) -> str:
-    text = p["prompt"]
-    if p.get("negative_prompt"):
-        text += f"\nNegative prompt: {p['negative_prompt']}"
-    return (f"{text}\nSteps: {p['steps']}, CFG scale: {p['guidance_scale']}, Seed: {p['seed']}, "
-            f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
 
 
 def pack_tokens(tokens) -> bytes:
@@ -77,10 +74,11 @@ def pack_tokens(tokens) -> bytes:
 class _Output:
     """One output thread: encodes and sends in submission order (per-request order is kept)."""
 
-    def __init__(self, outbox, model_name: str):
-        self.outbox, self.model_name = outbox, model_name
+    def __init__(self, outbox, model_name: str, worker_index: int = 0):
+        self.outbox, self.model_name, self.worker_index = outbox, model_name, worker_index
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitdance-output")
         self.requests: dict[str, object] = {}
+        self.prompt_tokens: dict[str, int] = {}
 
     def send(self, msg) -> None:
         self.pool.submit(self.outbox.put, msg)
@@ -100,6 +98,7 @@ class _Output:
                 data = self._completed(req, data)
             if ev.kind in (EventKind.COMPLETED, EventKind.FAILED):
                 self.requests.pop(ev.request_id, None)
+                self.prompt_tokens.pop(ev.request_id, None)
             self.outbox.put(RequestEvent(ev.request_id, ev.kind, data))
         except Exception as e:  # noqa: BLE001 - an encoding failure must still end the request
             logger.exception("output failed for %s", ev.request_id)
@@ -111,16 +110,19 @@ class _Output:
         fmt = req.output_format if req is not None else "png"
         params = None
         if req is not None:
-            params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": req.seed,
-                      "steps": req.steps, "guidance_scale": req.guidance_scale, "width": req.width,
-                      "height": req.height, "model": self.model_name, **req.metadata}
+            params = image_parameters(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                                      steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,
+                                      height=req.height, model=self.model_name, num_images=req.num_images,
+                                      **req.metadata)
         tokens = data["tokens"].numpy()
         want_tokens = req is not None and req.return_tokens
-        images = [{"data": encode_image(img, fmt, params), "format": fmt,
+        quality = getattr(req, "output_compression", None)
+        images = [{"data": encode_image(img, fmt, params and {**params, "index": i}, quality), "format": fmt,
                    "tokens": pack_tokens(tokens[i]) if want_tokens else None}
                   for i, img in enumerate(data["images"])]
         return {"seed": data["seed"], "width": data["width"], "height": data["height"], "images": images,
-                "token_shape": list(tokens.shape[1:]), "timings": data["timings"]}
+                "token_shape": list(tokens.shape[1:]), "timings": data["timings"],
+                "prompt_tokens": self.prompt_tokens.get(req.request_id, 0) if req is not None else 0}
 
 
 def _watch_parent() -> None:
@@ -142,88 +144,85 @@ def build_engine(config: WorkerConfig):
     from .. import attention
     from ..serving_config import ServingConfig
     from ..weights import load_model
-    from .engine import Engine, EngineConfig
+    from .engine import Engine
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    if getattr(config, "interop_threads", None):
+        try:
+            torch.set_num_interop_threads(config.interop_threads)
+        except RuntimeError:  # already set (in-process benchmarks): keep what runs
+            logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
     attention.set_backend(config.attention_backend)
     model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize)
     sizes = [list(s) for s in config.sizes] if config.sizes else None
     serving = ServingConfig.for_model(model.config, {"sizes": sizes})
-    engine = Engine(model, EngineConfig(max_batch_requests=config.max_batch_requests, max_waiting=config.max_waiting,
-                                        kv_budget_bytes=config.kv_budget_bytes, preview_every=config.preview_every),
-                    serving)
+    engine = Engine(model, config.engine_config(), serving)
     if config.warmup:
         engine.warmup()
+        if engine.device.type == "cuda":
+            from ..memory_plan import measure_warm_step
+
+            measure_warm_step(engine)  # logs the plan's predicted peak step against the measured one
     return engine
 
 
 def worker_main(config: WorkerConfig, inbox, outbox) -> None:
-    logging.basicConfig(level=os.environ.get("BITDANCE_LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s worker{config.worker_index} %(levelname)s %(name)s: %(message)s")
+    """Logging is set up by the spawning trampoline (``server.worker_entry``, from the server's log level)."""
     _watch_parent()
+    if config.protocol_version != PROTOCOL_VERSION:
+        msg = (f"protocol version mismatch: the API process speaks {config.protocol_version}, this worker "
+               f"{PROTOCOL_VERSION} (bitdance_core installed twice?)")
+        logger.error(msg)
+        outbox.put(WorkerFatal(config.worker_index, msg))
+        sys.exit(1)
     try:
         engine = build_engine(config)
     except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
         logger.exception("worker %d failed to start", config.worker_index)
         outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
         sys.exit(1)
-    out = _Output(outbox, engine.model.config.name)
+    out = _Output(outbox, engine.model.config.name, config.worker_index)
     out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize}))
-    run_loop(engine, inbox, out)
+    try:
+        run_loop(engine, inbox, out)
+    except EngineDead as e:  # the device is unusable: the pool fails this worker's requests and restarts it
+        out.pool.shutdown(wait=True)  # what was already produced goes out first, in order
+        outbox.put(WorkerFatal(config.worker_index, str(e)))
+        sys.exit(1)
     out.pool.shutdown(wait=True)
     sys.exit(0)
 
 
 def run_loop(engine, inbox, out: _Output) -> None:
-    from ..serving_config import InvalidRequest
+    """The shared engine loop (``loop.EngineLoop``) with the worker's outputs: encoded events, one
+    ``StepStats`` per step, and a ``Heartbeat`` from the loop itself (its silence = a stuck worker)."""
+    last_beat = [0.0]
 
-    draining = False
-    while True:
-        # 1) drain the inbox; block only when there is nothing to step
-        msgs = []
-        try:
-            msgs.append(inbox.get(timeout=0.2) if not engine.has_work() else inbox.get_nowait())
-            while True:
-                msgs.append(inbox.get_nowait())
-        except queue.Empty:
-            pass
-        for msg in msgs:
-            if isinstance(msg, Submit):
-                rid = msg.request.request_id
-                if draining:
-                    out.event(_failed(rid, ErrorCode.SHUTTING_DOWN, "the worker is shutting down"))
-                    continue
-                out.requests[rid] = msg.request
-                try:
-                    out.event(engine.add_request(msg.request))
-                except InvalidRequest as e:
-                    ev = _failed(rid, e.code, str(e))
-                    ev.data["field"] = e.field
-                    out.event(ev)
-            elif isinstance(msg, Cancel):
-                ev = engine.cancel(msg.request_id)
-                if ev is not None:
-                    out.event(ev)
-            elif isinstance(msg, Shutdown) or msg is None:
-                draining = True
-                if msg is None or not msg.drain:
-                    for rid in list(engine.requests):
-                        out.event(engine.cancel(rid))
-        # 2) one engine step
-        if engine.has_work():
-            t0 = time.perf_counter()
-            for ev in engine.step():
-                out.event(ev)
-            out.send(StepStats(requests=engine.last_batch, rows=engine.scheduler.used_rows,
-                               waiting=engine.num_waiting, running=engine.num_running,
-                               step_s=time.perf_counter() - t0, phase_s=dict(engine.last_phases),
-                               kv_usage=engine.scheduler.kv_usage()))
-        elif draining:
-            return
+    def on_submit(req) -> None:
+        out.requests[req.request_id] = req
+        out.prompt_tokens[req.request_id] = _count_tokens(engine, req.prompt)
+
+    def on_step(step_s: float) -> None:
+        out.send(StepStats(requests=engine.last_batch, rows=engine.scheduler.used_rows, waiting=engine.num_waiting,
+                           running=engine.num_running, step_s=step_s, phase_s=dict(engine.last_phases),
+                           kv_usage=engine.scheduler.kv_usage()))
+
+    def on_tick() -> None:
+        now = time.monotonic()
+        if now - last_beat[0] >= (HEARTBEAT_BUSY_S if engine.has_work() else HEARTBEAT_IDLE_S):
+            last_beat[0] = now
+            out.send(Heartbeat(out.worker_index, engine.has_work(), len(engine.requests),
+                               engine.scheduler.used_rows, loop.cancelled, loop.freed_rows))
+
+    loop = EngineLoop(engine, out.event, on_submit=on_submit, on_step=on_step, on_tick=on_tick)
+    loop.run(inbox)
 
 
-def _failed(request_id: str, code, message: str):
-    from .request import EngineEvent
-
-    return EngineEvent(request_id, EventKind.FAILED, {"code": getattr(code, "value", code), "message": message})
+def _count_tokens(engine, text: str) -> int:
+    try:
+        prompts = getattr(engine.family, "prompts", None)
+        return int(prompts.count_user_tokens(text)) if prompts is not None and text else 0
+    except Exception:  # noqa: BLE001 - usage reporting must never fail a request
+        logger.exception("could not count prompt tokens")
+        return 0

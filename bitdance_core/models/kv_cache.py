@@ -3,8 +3,10 @@
 Shape ``(layers, rows, max_len, kv_heads, head_dim)`` for keys and values, allocated once and
 written in place: no per-step allocation or concatenation. A forward works on a subset of rows
 (``slots``); each row has its own length, so conditional and unconditional streams, prompts of
-different lengths and requests of different sizes share one batch. Row lengths live on the host
-(the scheduler knows them), so building indices never syncs with the device.
+different lengths and requests of different sizes share one batch. ``lengths`` is the host's
+record (prefill plans and admission read it; it is never read back from the device); the engine's
+runner keeps the same lengths on the device (``StepBuffers.starts``) for its fixed-shape block
+step, which reads keys as a view ``k[layer, 0:R, :key_len]`` of a contiguous slot range.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ class AttnPlan:
     slot_range: tuple[int, int] | None = None  # (start, stop) when the slots are contiguous
     write_pos: torch.Tensor | None = None  # (R, L) cache positions of the new tokens
     key_len: int = 0  # keys are cache[:, slots, :key_len]
+    row_index: torch.Tensor | None = None  # (R, 1) 0..R-1 for a slot range (a persistent buffer)
 
 
 class Attention(nn.Module):
@@ -79,7 +80,7 @@ class Attention(nn.Module):
             if plan.slot_range is not None:
                 s0, s1 = plan.slot_range
                 ck, cv = ck[s0:s1], cv[s0:s1]
-                rows = torch.arange(r, device=x.device)[:, None]
+                rows = plan.row_index[:r] if plan.row_index is not None else torch.arange(r, device=x.device)[:, None]
             else:
                 rows = plan.slots[:, None]
             ck[rows, plan.write_pos] = k
@@ -137,6 +138,10 @@ class Qwen3Model(nn.Module):
     def device(self) -> torch.device:
         return self.norm.weight.device
 
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the KV cache this prior writes."""
+        return self.cfg.num_layers, self.cfg.num_kv_heads, self.cfg.head_dim
+
     def forward(self, embeds: torch.Tensor, plan: AttnPlan) -> torch.Tensor:
         x = embeds.to(self.dtype)
         for i, layer in enumerate(self.layers):
@@ -191,3 +196,20 @@ class Qwen3Model(nn.Module):
             cache.lengths[s] += n
         return AttnPlan(cos=cos, sin=sin, mask=mask, cache=cache, slots=to_device(slots, dev),
                         slot_range=slot_range, write_pos=write_pos, key_len=key_len)
+
+    def plan_step(self, cache: KVCache, buf, rows: int, key_len: int) -> AttnPlan:
+        """The fixed-shape block step over slots ``0..rows-1``: ``P`` new tokens per row at the
+        device-side ``buf.starts`` (``0`` for rows with ``buf.active == 0``), keys
+        ``cache[:, :rows, :key_len]`` (a view) under a per-row key mask built into ``buf.mask``.
+        Reads no host value of the cache: the plan can be captured in a CUDA graph."""
+        P = buf.block
+        pos = (buf.starts[:rows] * buf.active[:rows])[:, None] + buf.arange_p  # (R, P)
+        flat = pos.view(-1)
+        cos, sin = buf.cos[: rows * P], buf.sin[: rows * P]
+        torch.index_select(buf.rope_cos, 0, flat, out=cos)
+        torch.index_select(buf.rope_sin, 0, flat, out=sin)
+        mask = buf.mask[:rows, :key_len]
+        torch.lt(buf.arange_k[:key_len][None, :], pos[:, -1:] + 1, out=mask)
+        return AttnPlan(cos=cos.view(rows, P, -1), sin=sin.view(rows, P, -1), mask=mask[:, None, None, :],
+                        cache=cache, slot_range=(0, rows), write_pos=pos, key_len=key_len,
+                        row_index=buf.row_index)

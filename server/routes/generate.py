@@ -1,24 +1,25 @@
 """``POST /generate``: JSON, a raw image (``Accept: image/png|jpeg|webp``) or SSE.
 
-SSE events: ``queued`` {position}, ``progress`` {step, total_steps}, ``preview`` {step,
-total_steps, b64_json, width, height, format}, then exactly one ``completed`` (the JSON response
-body) or ``error`` {code, message}.
+SSE events (:mod:`server.events`): ``queued``, ``started``, ``progress``, ``preview``, then
+exactly one ``completed`` (the JSON response body) or ``error`` {code, message}. A streaming
+request is a job (:mod:`server.jobs`): cancellable and readable by id while it runs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from bitdance_core.engine.protocol import ErrorCode
+from bitdance_core.engine.protocol import ErrorCode, GenerationRequest
+from server.docs import GENERATE_DOC
 from server.errors import APIError
-from server.params import b64, build_request, completed_body
-from server.schemas import GenerateBody
-from server.sse import ClientGone, Event, first_event, frame, sse_response, wait_result
+from server.jobs import Job
+from server.params import build_request, completed_body
+from server.schemas import GenerateBody, GenerationParams
+from server.sse import ClientGone, first_event, job_response, wait_result
 
 router = APIRouter()
 
@@ -45,8 +46,45 @@ def model_info(request: Request) -> dict[str, Any]:
     return info
 
 
-@router.post("/generate", response_model=None)
+def request_from_body(
+    info: dict[str, Any], body: GenerationParams, output_format: str | None, preview_every: int | None
+) -> GenerationRequest:
+    return build_request(
+        info,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=body.width,
+        height=body.height,
+        size_field="size",
+        num_images=body.num_images,
+        num_images_field="num_images",
+        steps=body.steps,
+        guidance_scale=body.guidance_scale,
+        seed=body.seed,
+        output_format=output_format,
+        preview_every=preview_every,
+        return_tokens=body.return_tokens,
+    )
+
+
+async def submit_job(request: Request, req: GenerationRequest, kind: str) -> Job:
+    """Submit and register a job; a refusal the worker sends first (queue full, prompt too long in
+    tokens) is still answered as an HTTP error, not an accepted job."""
+    st = request.app.state.pool.submit(req)
+    jobs = request.app.state.jobs
+    job = jobs.add(st, kind)  # before the first await: it sees every event
+    first = await first_event(st)
+    if first is not None and first[0] == "failed":
+        jobs.discard(job.id)
+        raise APIError.from_failed(first[1])
+    return job
+
+
+@router.post("/generate", response_model=None, **GENERATE_DOC)
 async def generate(body: GenerateBody, request: Request) -> Response:
+    """Generate images: JSON (default), one raw image (``Accept: image/png|jpeg|webp``) or a stream
+    of server-sent events (``"stream": true`` or ``Accept: text/event-stream``). A stream's id is in
+    its ``queued`` event and the ``X-Request-ID`` header: ``DELETE /v1/jobs/{id}`` cancels it."""
     pool = request.app.state.pool
     settings = request.app.state.settings
     mode = negotiate(request.headers.get("accept"))
@@ -69,55 +107,14 @@ async def generate(body: GenerateBody, request: Request) -> Response:
                 allowed={"min": 1, "max": 1},
             )
     streaming = body.stream or mode == "sse"
-    req = build_request(
-        model_info(request),
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        width=body.width,
-        height=body.height,
-        size_field="size",
-        num_images=body.num_images,
-        num_images_field="num_images",
-        steps=body.steps,
-        guidance_scale=body.guidance_scale,
-        seed=body.seed,
-        output_format=output_format,
-        preview_every=None if streaming else 0,
-        return_tokens=body.return_tokens,
-    )
-    st = pool.submit(req)
+    req = request_from_body(model_info(request), body, output_format, None if streaming else 0)
     headers = {"X-Request-ID": req.request_id}
 
     if streaming:
-        first = await first_event(st)
-        if first is not None and first[0] == "failed":
-            raise APIError.from_failed(first[1])
+        job = await submit_job(request, req, "stream")
+        return job_response(job, pool, settings.stream_heartbeat_s, True, headers)
 
-        def render(event: Event) -> Iterable[bytes]:
-            kind, data = event
-            if kind == "queued":
-                yield frame("queued", {"position": data.get("position", 0)})
-            elif kind == "progress":
-                yield frame("progress", {"step": data["step"], "total_steps": data["total_steps"]})
-            elif kind == "preview":
-                yield frame(
-                    "preview",
-                    {
-                        "step": data["step"],
-                        "total_steps": data.get("total_steps"),
-                        "b64_json": b64(data["image"]),
-                        "width": data.get("width"),
-                        "height": data.get("height"),
-                        "format": data.get("format", "jpeg"),
-                    },
-                )
-            elif kind == "completed":
-                yield frame("completed", completed_body(data, time.monotonic() - st.created, req.return_tokens))
-            elif kind == "failed":
-                yield frame("error", {"code": data.get("code"), "message": data.get("message")})
-
-        return sse_response(st, pool, render, settings.stream_heartbeat_s, first, headers)
-
+    st = pool.submit(req)
     try:
         kind, data = await wait_result(request, st, pool)
     except ClientGone:

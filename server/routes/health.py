@@ -9,8 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import bitdance_core
+from server.docs import INFO_DOC, METRICS_DOC, READYZ_DOC
 from server.params import allowed_sizes
 from server.routes.generate import model_info
+from server.routes.openai import quality_steps
 
 router = APIRouter()
 
@@ -20,7 +22,7 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=None, **READYZ_DOC)
 async def readyz(request: Request) -> JSONResponse:
     pool = request.app.state.pool
     ready, total = pool.num_ready, len(pool.workers)
@@ -30,16 +32,17 @@ async def readyz(request: Request) -> JSONResponse:
         status = "ready"
     else:
         status = "starting" if all(w.restarts == 0 and w.state == "starting" for w in pool.workers) else "unavailable"
-    body = {"status": status, "workers_ready": ready, "workers": total}
+    states = [{"index": w.index, "state": w.state, "hangs": w.hangs, "restarts": w.restarts} for w in pool.workers]
+    body = {"status": status, "workers_ready": ready, "workers": total, "worker_states": states}
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_model=None, **METRICS_DOC)
 async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/info")
+@router.get("/info", **INFO_DOC)
 async def info(request: Request) -> dict[str, Any]:
     """What the served model accepts: sizes ('WxH'), defaults, limits, and the workers."""
     pool = request.app.state.pool
@@ -58,6 +61,12 @@ async def info(request: Request) -> dict[str, Any]:
         "preview_every": info.get("preview_every"),
         "output_formats": ["png", "jpeg", "webp"],
         "max_queue": request.app.state.settings.max_queue,
+        "openai": {"quality_steps": quality_steps(info), "model_aliases": request.app.state.settings.model_aliases},
+        "jobs": {
+            "ttl_s": request.app.state.settings.job_ttl_s,
+            "max_results": request.app.state.settings.job_max_results,
+            "max_bytes": request.app.state.settings.job_max_bytes,
+        },
         "workers": [
             {
                 **wk.describe(),

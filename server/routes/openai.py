@@ -9,6 +9,8 @@ raises as ``APIError``.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -16,13 +18,43 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from bitdance_core.engine.protocol import ErrorCode
+from server.docs import MODELS_DOC, OPENAI_DOC
 from server.errors import APIError
 from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
 from server.routes.generate import model_info
 from server.schemas import OpenAIImageBody
 from server.sse import ClientGone, Event, first_event, frame, sse_response, wait_result
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
+INVALID = ErrorCode.INVALID.value
+
+
+def quality_steps(info: dict[str, Any]) -> dict[str, int]:
+    """Diffusion steps per patch for each OpenAI ``quality`` (documented in the README and /info)."""
+    default = int(info["defaults"]["steps"])
+    lo, hi = (int(v) for v in info["limits"]["steps"])
+    low, high = max(lo, default // 2), min(hi, default * 2)
+    return {"low": low, "medium": default, "auto": default, "standard": default, "high": high, "hd": high}
+
+
+def _check_fields(body: OpenAIImageBody, info: dict[str, Any], aliases: list[str]) -> None:
+    if body.model is not None and body.model not in (info["model"], *aliases):
+        raise APIError(
+            "model_not_found",
+            f"The model {body.model!r} does not exist; this server serves {info['model']!r} "
+            f"(aliases: {', '.join(aliases) or 'none'}), see GET /v1/models",
+            field="model",
+        )
+    if body.style is not None:
+        raise APIError(INVALID, "style is not supported: BitDance has no styles (a DALL-E 3 option)", field="style")
+    if body.output_compression is not None and (body.output_format or "png") == "png":
+        raise APIError(
+            INVALID, "output_compression applies to jpeg and webp; png is lossless", field="output_compression"
+        )
+    if body.quality not in (None, "auto") and body.steps is not None:
+        raise APIError(INVALID, "give quality or steps, not both (quality maps to a step count)", field="quality")
 
 
 def _usage(info: dict[str, Any], height: int, width: int, n: int, data: dict[str, Any]) -> dict[str, Any]:
@@ -37,7 +69,7 @@ def _usage(info: dict[str, Any], height: int, width: int, n: int, data: dict[str
     }
 
 
-@router.get("/models")
+@router.get("/models", **MODELS_DOC)
 async def list_models(request: Request) -> dict[str, Any]:
     info = model_info(request)
     return {
@@ -53,11 +85,14 @@ async def list_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.post("/images/generations", response_model=None)
+@router.post("/images/generations", response_model=None, **OPENAI_DOC)
 async def images_generations(body: OpenAIImageBody, request: Request) -> Response:
     pool = request.app.state.pool
     info = model_info(request)
+    _check_fields(body, info, request.app.state.settings.model_aliases)
     width, height = parse_size(body.size, info)
+    quality = body.quality or "auto"
+    steps = body.steps if body.steps is not None else quality_steps(info)[quality]
     partial_images = body.partial_images or 0
     if width is None or height is None:
         height, width = info["default_size"]
@@ -70,16 +105,20 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
         size_field="size",
         num_images=body.n,
         num_images_field="n",
-        steps=body.steps,
+        steps=steps,
         guidance_scale=body.guidance_scale,
         seed=body.seed,
         output_format=body.output_format,
         preview_every=preview_every_for(info, height, width, partial_images) if body.stream else 0,
     )
+    if body.output_compression is not None:
+        req = dataclasses.replace(req, output_compression=body.output_compression)
+    if body.user or body.safety_identifier:
+        logger.info("request %s: user=%r safety_identifier=%r", req.request_id, body.user, body.safety_identifier)
     st = pool.submit(req)
     common = {
         "size": f"{req.width}x{req.height}",
-        "quality": "auto",
+        "quality": quality,
         "background": "opaque",
         "output_format": req.output_format,
     }
@@ -117,7 +156,7 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
                     }
                     yield frame("image_generation.completed", payload)
             elif kind == "failed":
-                err = {"code": data.get("code"), "message": data.get("message"), "type": data.get("code")}
+                err = APIError.from_failed(data).body(openai=True)["error"]
                 yield frame("error", {"type": "error", "error": err})
 
         return sse_response(st, pool, render, request.app.state.settings.stream_heartbeat_s, first, headers)

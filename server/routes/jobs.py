@@ -1,0 +1,78 @@
+"""Async jobs: ``POST /v1/jobs``, ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events``, ``DELETE``.
+
+A job takes the ``/generate`` body (without ``stream``) and answers ``202`` at once; the same
+ids come from streaming ``/generate`` calls. Errors are in the ``/generate`` shape (422, not
+OpenAI's 400): these routes are BitDance's, not OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from bitdance_core.engine.protocol import ErrorCode
+from server.docs import JOB_CREATE_DOC, JOB_DELETE_DOC, JOB_EVENTS_DOC, JOB_GET_DOC
+from server.errors import APIError
+from server.jobs import Job
+from server.routes.generate import model_info, request_from_body, submit_job
+from server.schemas import GenerationParams
+from server.sse import job_response
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JOB_ID = r"^[0-9a-f]{32}$"
+JobId = Annotated[str, Path(pattern=JOB_ID, description="The id from POST /v1/jobs or a stream's X-Request-ID")]
+
+
+def _lookup(request: Request, job_id: str) -> Job:
+    jobs = request.app.state.jobs
+    job = jobs.get(job_id)
+    if job is not None:
+        return job
+    why = jobs.was_here(job_id)
+    if why is not None:
+        raise APIError("job_expired", f"job {job_id} is gone ({why}); results are kept for a while only")
+    raise APIError("job_not_found", f"no job {job_id}")
+
+
+@router.post("", response_model=None, operation_id="create_job", **JOB_CREATE_DOC)
+async def create_job(body: GenerationParams, request: Request) -> JSONResponse:
+    """Queue a generation; poll ``status_url`` or stream ``events_url`` (replayed from the start)."""
+    req = request_from_body(model_info(request), body, body.output_format, None)
+    job = await submit_job(request, req, "job")
+    out = job.describe("")
+    return JSONResponse(
+        {k: out[k] for k in ("id", "status", "status_url", "events_url")},
+        status_code=202,
+        headers={"Location": out["status_url"], "X-Request-ID": job.id},
+    )
+
+
+@router.get("/{job_id}", response_model=None, operation_id="get_job", **JOB_GET_DOC)
+async def get_job(
+    job_id: JobId,
+    request: Request,
+    preview: Annotated[bool, Query(description="Include the newest preview image")] = False,
+) -> dict[str, Any]:
+    """Status, queue position, progress, the newest preview (``?preview=true``), result or error."""
+    return _lookup(request, job_id).describe("", preview=preview)
+
+
+@router.get("/{job_id}/events", response_model=None, operation_id="job_events", **JOB_EVENTS_DOC)
+async def job_events(job_id: JobId, request: Request) -> Response:
+    """The job's ``/generate`` SSE events from its start, then live; closing it leaves the job running."""
+    job = _lookup(request, job_id)
+    return job_response(job, request.app.state.pool, request.app.state.settings.stream_heartbeat_s, False, {})
+
+
+@router.delete("/{job_id}", response_model=None, operation_id="delete_job", **JOB_DELETE_DOC)
+async def delete_job(job_id: JobId, request: Request) -> dict[str, Any]:
+    """Cancel the job if it still runs (its rows are freed at the engine's next step), then delete it:
+    later reads answer 410."""
+    job = _lookup(request, job_id)
+    if not job.st.finished:
+        request.app.state.pool.cancel(job.st, ErrorCode.CANCELLED.value, "cancelled by DELETE /v1/jobs/{id}")
+    out = job.describe("")
+    request.app.state.jobs.delete(job_id)
+    return {**out, "deleted": True}

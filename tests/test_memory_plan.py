@@ -1,0 +1,192 @@
+"""The memory plan: live-bytes accounting, the engine's measured peaks, the solve, the CLI.
+
+The 14B figures are checked only where they cost no trajectory (weights and KV shapes); the full
+14B plans take ~15 s each and are quoted in the README (``bitdance plan``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from bitdance_core import memory_plan as mp
+from bitdance_core.checkpoints import get_preset, model_config
+from bitdance_core.engine.engine import EngineConfig
+from bitdance_core.fake_memory import LiveBytes
+from bitdance_core.serving_config import ServingConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TINY_SIZE = (256, 256)
+
+
+def test_live_bytes_counts_new_storages_until_freed():
+    w = torch.zeros(1000)
+    with LiveBytes() as live:
+        a = torch.ones(100, 10)  # 4000 bytes
+        v = a.view(-1)  # a view: nothing new
+        w.add_(1)  # in place on an outside tensor: nothing new
+        b = a * 2  # 4000 more
+        assert live.current == 8000 and live.peak == 8000
+        del a, v
+        assert live.current == 4000
+        assert live.reset_peak() == 4000
+        c = torch.empty(250)  # 1000
+        del c
+        assert live.peak == 5000 and live.current == 4000
+        del b
+        assert live.current == 0
+
+
+def test_parse_bytes():
+    assert mp.parse_bytes("80GiB") == 80 * 2**30
+    assert mp.parse_bytes("141GB") == 141 * 10**9
+    assert mp.parse_bytes("48G") == 48 * 2**30
+    assert mp.parse_bytes("1048576") == 2**20
+    with pytest.raises(ValueError, match="80GiB"):
+        mp.parse_bytes("eighty")
+
+
+def test_solve_fits_the_peak_it_reports():
+    def peaks(n):  # a transient that grows with the batch
+        return 100 + 10 * n, 50 + 30 * n
+
+    n, pf, ps = mp.solve(10_000, 500, peaks)
+    assert n * 500 + max(pf, ps) <= 10_000 < (n + 1) * 500 + max(peaks(n + 1))
+    assert (pf, ps) == peaks(n)
+    assert mp.solve(10_000, 500, peaks, cap=3)[0] == 3
+    assert mp.solve(400, 500, peaks)[0] == 0
+
+
+@pytest.mark.parametrize("preset,vocab_params", [("14b-64x", 151988 * 5120), ("14b-16x", 151940 * 5120)])
+def test_14b_weights_and_kv_shapes(preset, vocab_params):
+    p = get_preset(preset)
+    cfg = model_config(p, 1000)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = mp.fake_model(cfg, None, torch.bfloat16)
+        parts = mp.module_bytes(model)
+    # Qwen3-14B without lm_head: ~13.99 B parameters (the embedding included), 2 bytes each
+    assert parts["llm"] / 2 == pytest.approx(13.99e9, rel=0.01)
+    assert parts["llm"] / 2 - vocab_params == pytest.approx(13.99e9 - vocab_params, rel=0.01)
+    assert parts["head"] == pytest.approx(3.5e9, rel=0.05)
+    assert parts["ae"] == pytest.approx(0.5e9, rel=0.1)
+    kv_row = 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.head_dim * 2
+    assert kv_row == 160 * 1024
+
+
+def _tiny():
+    from bitdance_core.checkpoints import write_tokenizer
+    from bitdance_core.weights import load_tokenizer
+
+    p = get_preset("tiny")
+    with tempfile.TemporaryDirectory() as tmp:
+        n = write_tokenizer(p, tmp)
+        tok = load_tokenizer(tmp)
+    cfg = model_config(p, n, name="tiny")
+    serving = ServingConfig.for_model(cfg, {"sizes": [list(TINY_SIZE)], "default_size": list(TINY_SIZE)})
+    return cfg, tok, serving
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _tiny()
+
+
+def test_fast_forward_measures_what_every_step_measures(tiny):
+    """The plan skips the AR steps between the second and the next-to-last; stepping through all of
+    them must give the same peak (the worst step is the one with the longest keys)."""
+    cfg, tok, serving = tiny
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = mp.fake_model(cfg, tok, torch.float32)
+        cfg = EngineConfig(max_prefill_rows=4)  # 3 requests of 2 rows: admitted over two steps
+        mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3)  # process-wide caches filled once
+        fast = mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3)
+        full = mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3, fast_forward=False)
+    assert fast["ar_step"] > 0 and fast["prefill"] > 0 and fast["decode"] > 0
+    assert fast == full
+
+
+def test_fake_peaks_equal_real_peaks(tiny):
+    """The same accounting on real CPU tensors (a real model of the same shapes) gives the same bytes:
+    fake tensors change nothing but the data, so the plan is what the real step holds."""
+    from bitdance_core.weights import LoadedModel, build_modules
+
+    cfg, tok, serving = tiny
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = mp.measure_peaks(mp.fake_model(cfg, tok, torch.float32), serving, EngineConfig(), TINY_SIZE, 2)
+    modules = build_modules(cfg, device="cpu")
+    for m in modules:
+        m.eval().requires_grad_(False)
+    real_model = LoadedModel(cfg, mp.Placement(torch.device("cpu"), torch.float32, "test"), *modules, tok)
+    real = mp.measure_peaks(real_model, serving, EngineConfig(), TINY_SIZE, 2)
+    assert set(real) == set(fake)
+    for k in real:  # (a few bytes of process-wide caches filled by whichever run came first)
+        assert real[k] == pytest.approx(fake[k], rel=1e-3), k
+
+
+def test_plan_adds_up(tiny):
+    cfg, tok, serving = tiny
+    gpu = 2**30
+    p = mp.plan(cfg, tok, torch.float32, gpu, size=TINY_SIZE, reserved_bytes=gpu - 48 * 2**20)
+    assert p.fits and p.max_concurrent_requests >= 1
+    assert p.kv_rows == 2 * p.max_concurrent_requests
+    assert p.kv_bytes == p.kv_rows * p.kv_tokens_per_row * p.kv_bytes_per_token_row
+    assert p.total_bytes <= gpu
+    with FakeTensorMode(allow_non_fake_inputs=True):  # one more request would not fit
+        more = mp.measure_peaks(mp.fake_model(cfg, tok, torch.float32), serving, EngineConfig(), TINY_SIZE,
+                                p.max_concurrent_requests + 1)
+    kv_req = 2 * p.kv_tokens_per_row * p.kv_bytes_per_token_row
+    assert p.total_bytes - max(p.peak_prefill_bytes, p.peak_step_bytes) + kv_req + more["step"] > gpu
+    assert set(p.as_json()) == set(mp.JSON_KEYS)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "bitdance_core.cli", "plan", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+
+
+def test_cli_json_has_exactly_the_keys():
+    r = _cli("--preset", "tiny", "--gpu-memory", "1.06GiB", "--size", "256x256", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert list(out) == list(mp.JSON_KEYS)
+    assert out["fits"] is True and out["gpu_memory_bytes"] == int(1.06 * 2**30)
+    assert out["max_concurrent_requests"] * 2 == out["kv_rows"]
+
+
+def test_cli_model_dir_and_not_fitting_exit_1():
+    from bitdance_core import default_model_dir
+
+    r = _cli("--model", default_model_dir(), "--gpu-memory", "1GiB", "--json")
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert list(out) == list(mp.JSON_KEYS) and out["fits"] is False and out["max_concurrent_requests"] == 0
+    assert "does not fit" in r.stderr and "needs" in r.stderr and "1.00 GiB" in r.stderr
+    r = _cli("--preset", "nope", "--gpu-memory", "8GiB")
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+    r = _cli("--preset", "tiny", "--gpu-memory", "lots")
+    assert r.returncode == 2 and "--gpu-memory" in r.stderr
+
+
+def test_engine_start_up_plan_on_a_pretend_device(tiny, monkeypatch):
+    """``plan_on_device`` (what the engine runs on CUDA when no KV budget is set): what the free memory
+    leaves after the measured peak and the slack, at most max_batch_requests requests."""
+    from bitdance_core.weights import LoadedModel, build_modules
+
+    cfg, tok, serving = tiny
+    modules = build_modules(cfg, device="cpu")
+    model = LoadedModel(cfg, mp.Placement(torch.device("cpu"), torch.float32, "test"), *modules, tok)
+    total = 2**30
+    free = int(mp.RESERVED_FRACTION * total) + 40 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, total))
+    p = mp.plan_on_device(model, serving, EngineConfig(max_batch_requests=8))
+    assert 1 <= p.max_concurrent_requests <= 8
+    assert p.kv_bytes + max(p.peak_prefill_bytes, p.peak_step_bytes) <= free - int(mp.RESERVED_FRACTION * total)
+    assert p.weights_bytes == sum(t.numel() * 4 for m in modules for t in [*m.parameters(), *m.buffers()])

@@ -1,0 +1,268 @@
+"""The fixed-shape runner: no host sync in a warm step, keys as cache views, per-row sampling modes,
+buckets and the CUDA-graph setting."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bitdance_core.engine import runner as runner_mod
+from bitdance_core.engine.engine import Engine, EngineConfig
+from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.models import qwen3
+from bitdance_core.sampling import binarize, euler_maruyama
+from bitdance_core.weights import load_model
+
+FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
+aten = torch.ops.aten
+SYNCING = {aten._local_scalar_dense, aten.item, aten.is_nonzero, aten.nonzero, aten.masked_select, aten._unique2,
+           aten.unique_consecutive, aten.equal}
+
+
+class NoHostSync(TorchDispatchMode):
+    """CPU proxy of ``torch.cuda.set_sync_debug_mode("error")``: fails on every op that reads a tensor's
+    value on the host (``.item()``, ``bool(t)``, data-dependent shapes) and on device-to-host copies;
+    ``allowed`` opens a window (the update phase's decodes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.allowed = False
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        if not self.allowed:
+            if func.overloadpacket in SYNCING:
+                raise AssertionError(f"host sync in a warm step: {func}")
+            if func.overloadpacket in (aten._to_copy, aten.copy_):
+                src = args[1] if func.overloadpacket is aten.copy_ else args[0]
+                dst = args[0].device if func.overloadpacket is aten.copy_ else kwargs.get("device")
+                if dst is not None and torch.device(dst).type == "cpu" and src.device.type != "cpu":
+                    raise AssertionError(f"device-to-host copy in a warm step: {func}")
+        return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(FIXTURE)
+
+
+def _reads_host(name):
+    def fail(self, *a, **kw):
+        raise AssertionError(f"Tensor.{name}() in a warm step")
+    return fail
+
+
+def _mixed_requests(steps=(3, 5)):
+    return [GenerationRequest("a", "a red circle", 128, 128, seed=1, steps=steps[0], guidance_scale=4.0,
+                              preview_every=0),
+            GenerationRequest("b", "blue", 64, 128, seed=2, steps=steps[1], guidance_scale=1.0, num_images=2,
+                              preview_every=0),
+            GenerationRequest("c", "green", 128, 64, seed=3, steps=steps[0], guidance_scale=2.5, num_images=2,
+                              negative_prompt="red", preview_every=0)]
+
+
+def test_warm_steps_make_no_host_sync_and_decodes_sync_only_in_the_update(model, monkeypatch):
+    engine = Engine(model, EngineConfig(max_batch_requests=4, preview_method="linear"))
+    reqs = _mixed_requests()
+    reqs[0] = dataclasses.replace(reqs[0], preview_every=3)
+    for r in reqs:
+        engine.add_request(r)
+    engine.step()  # prefill + first AR step (cold)
+    engine.step()
+    mode = NoHostSync()
+    opened = {"_finish": 0, "_preview": 0}
+
+    def may_sync(name):
+        inner = getattr(engine, name)
+
+        def wrapper(*a):
+            opened[name] += 1
+            mode.allowed = True
+            try:
+                return inner(*a)
+            finally:
+                mode.allowed = False
+        return wrapper
+
+    for name in opened:  # the update phase's final decodes and previews may read the device
+        monkeypatch.setattr(engine, name, may_sync(name))
+    real = {n: getattr(torch.Tensor, n) for n in ("cpu", "numpy", "tolist", "item")}
+    for name in real:  # a CPU tensor's .cpu()/.numpy() dispatch nothing: catch the calls themselves
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, **kw: (
+            real[_n](self, *a, **kw) if mode.allowed else _reads_host(_n)(self)))
+    done, warm = set(), 0
+    with mode:
+        while engine.has_work():
+            for ev in engine.step():
+                assert ev.kind is not EventKind.FAILED, ev.data
+                if ev.kind is EventKind.COMPLETED:
+                    done.add(ev.request_id)
+            warm += 1
+    assert done == {"a", "b", "c"} and warm >= 10 and mode.ops > 1000
+    assert opened["_finish"] >= 1 and opened["_preview"] >= 2
+
+
+def test_block_step_reads_keys_as_views_of_the_cache(model, monkeypatch):
+    engine = Engine(model, EngineConfig(max_batch_requests=4))
+    for r in _mixed_requests():
+        engine.add_request(r)
+    engine.step()
+    seen = []
+    real = qwen3.attention
+
+    def spy(q, k, v, **kw):
+        seen.append((k.untyped_storage().data_ptr(), kw.get("mask")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(qwen3, "attention", spy)
+    engine.step()
+    cache_ptr = engine.cache.k.untyped_storage().data_ptr()
+    assert seen and all(ptr == cache_ptr for ptr, _ in seen)
+    mask = seen[0][1]
+    assert mask.shape[1:3] == (1, 1), "the step's mask is per row (R, 1, 1, Lk), not per query"
+
+
+def _run(engine, reqs):
+    out = {}
+    for r in reqs:
+        engine.add_request(r)
+    while engine.has_work():
+        for ev in engine.step():
+            assert ev.kind is not EventKind.FAILED, ev.data
+            if ev.kind is EventKind.COMPLETED:
+                out[ev.request_id] = ev.data["tokens"]
+    return out
+
+
+def _linear_schedule(engine):
+    """The class-conditional models' linear CFG schedule on the text-to-image family: guidance 1 at
+    step 0 (every row independent, unguided), then ``1 + (g - 1) i / T``."""
+    def step_guidance(st, i):
+        if not st.prep.uses_cfg or i == 0:
+            return None
+        return 1 + (st.req.guidance_scale - 1) * i / st.total_steps
+    engine.family.step_guidance = step_guidance
+
+
+def test_independent_rows_at_step_zero_match_the_unbatched_sampler(model, monkeypatch):
+    """Step 0 with guidance 1: all 2B rows sampled independently from noise randn(2B, P, C), and the
+    cond and uncond rows keep different tokens."""
+    engine = Engine(model, EngineConfig(max_batch_requests=4))
+    _linear_schedule(engine)
+    req = GenerationRequest("r", "a red circle", 128, 128, seed=5, steps=4, guidance_scale=4.0, preview_every=0)
+    engine.add_request(req)
+    st = engine.requests["r"]
+    gen = torch.Generator().manual_seed(5)
+    captured = {}
+    sample = engine.runner._sample
+
+    def capture(steps, reqs):
+        captured["hidden"] = engine.runner.hidden[list(st.slots)].clone()
+        return sample(steps, reqs)
+
+    monkeypatch.setattr(engine.runner, "_sample", capture)
+    engine.step()  # prefill + AR step 0
+    fam, head, P = engine.family, model.head, engine.P
+    cond = head.condition(fam.head_condition(captured["hidden"], fam.head_offset(st, 0)).to(head.dtype))
+    t_emb = engine.runner._time_table(4)
+    x = euler_maruyama(lambda xr, tr, i: head.predict(xr, tr, cond, t_emb[i]),
+                       lambda: torch.randn((2, P, engine.C), generator=gen), [1.0, 1.0], 4, fam.time_shift)
+    want = binarize(x)
+    got = engine.runner.bits[list(st.slots)]
+    assert torch.equal(got, want)
+    assert not torch.equal(got[0], got[1]), "cond and uncond rows feed back different tokens"
+    assert torch.equal(st.tokens[0, :P], want[0])
+
+
+def test_per_step_modes_are_batch_invariant(model):
+    reqs = _mixed_requests(steps=(3, 4))
+    alone = {}
+    for r in reqs:
+        e = Engine(model, EngineConfig(max_batch_requests=4))
+        _linear_schedule(e)
+        alone.update(_run(e, [r]))
+    e = Engine(model, EngineConfig(max_batch_requests=4))
+    _linear_schedule(e)
+    together = _run(e, reqs)
+    for rid in alone:
+        assert torch.equal(alone[rid], together[rid]), rid
+
+
+def test_row_buckets_and_cuda_graph_setting(monkeypatch):
+    assert runner_mod.row_buckets(1) == [1]
+    b = runner_mod.row_buckets(100)
+    assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 100 and b == sorted(set(b))
+    assert all(y <= 2 * x for x, y in zip(b, b[1:]))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
+    assert not runner_mod.graphs_enabled("auto", cpu) and runner_mod.graphs_enabled("auto", cuda)
+    assert not runner_mod.graphs_enabled("off", cuda)
+    monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "off")
+    assert not runner_mod.graphs_enabled("auto", cuda)
+    monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        runner_mod.graphs_enabled("auto", cpu)
+
+
+def test_graph_capture_and_replay_bookkeeping_with_a_stand_in_graph(model, monkeypatch):
+    """On CPU: a stand-in graph that, like a CUDA graph, replays the function captured for a key
+    against whatever the persistent buffers hold now (and writes into the output captured first)
+    gives the eager tokens, with padded key lengths; one capture per (kind, bucket)."""
+    reqs = _mixed_requests(steps=(3, 4))
+    want = _run(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
+    engine = Engine(model, EngineConfig(max_batch_requests=4))
+    runner, keys = engine.runner, []
+
+    class StandIn:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            r = self.fn()
+            if self.out is not None:
+                self.out.copy_(r)
+
+    def capture(fn):
+        state = runner.buf.starts.clone()
+        out = fn()  # the warm run; the capture itself runs nothing
+        runner.buf.starts.copy_(state)
+        return StandIn(fn, out), out
+
+    real_replay = runner._replay
+
+    def replay(key, fn):
+        if key not in runner._graphs:
+            keys.append(key)
+        return real_replay(key, fn)
+
+    runner.use_graphs = True
+    monkeypatch.setattr(runner, "_capture", capture)
+    monkeypatch.setattr(runner, "_replay", replay)
+    got = _run(engine, reqs)
+    prior_keys = [k for k in keys if k[0] == "prior"]
+    assert len(prior_keys) == len(set(prior_keys)) and len(runner._graphs) == len(set(keys))  # head graphs are
+    # re-captured only after the noise buffer grew (a longer step count arrived)
+    assert any(k[0] == "prior" and k[2] % runner_mod.KEY_BUCKET == 0 or k[2] == engine.cache.max_len
+               for k in keys if k[0] == "prior")
+    for rid in want:
+        assert torch.equal(want[rid], got[rid]), rid
+
+
+def test_the_sync_detector_detects():
+    with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
+        bool(torch.ones(2).sum() > 0)
+    with NoHostSync(), pytest.raises(AssertionError, match="host sync"):
+        torch.arange(4).nonzero()
+
+
+def test_cuda_graphs_setting_is_validated_and_reported(model, monkeypatch):
+    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
+    with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
+        Engine(model, EngineConfig(cuda_graphs="yes"))
+    assert Engine(model, EngineConfig(cuda_graphs="auto")).info()["cuda_graphs"] is False  # CPU: never

@@ -1,0 +1,79 @@
+"""The OpenAPI schema tells the truth: schemathesis (``--checks all``: statuses, media types,
+response schemas, positive data accepted, negative data rejected, Allow headers, use after
+delete, ...) against a live ``python -m server`` on loopback, every route including the job
+routes, 0 failures required.
+
+The server runs the fake worker (tests/fake_worker.py), so hundreds of generation calls take
+seconds; the schema's limits are the ones the worker reports, whichever worker it is
+(server/docs.py). The real worker's behaviour is covered by test_server_real.py. The fake's word
+limit is lifted here: a prompt's length in tokens is the one limit JSON Schema cannot state (it
+is documented in the field's description). Bounded: ``--max-examples`` per operation and a
+wall-clock timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from server_harness import REPO, LiveServer
+
+pytestmark = pytest.mark.slow
+CONFIG = Path(__file__).with_name("schemathesis.toml")
+MAX_EXAMPLES = int(os.environ.get("BITDANCE_SCHEMATHESIS_EXAMPLES", "40"))
+
+
+@pytest.fixture(scope="module")
+def srv() -> Iterator[LiveServer]:
+    server = LiveServer(
+        "--devices", "cpu", "--max-body-bytes", "100000",
+        env={"FAKE_WORKER_STEP_S": "0.002", "FAKE_WORKER_MAX_TOKENS": "1000000"},
+    )  # fmt: skip
+    try:
+        server.wait_ready(60)
+        yield server
+    finally:
+        server.kill()
+
+
+def test_schema_documents_media_types_and_limits(srv: LiveServer) -> None:
+    with srv.client() as c:
+        schema = c.get("/openapi.json").json()
+        info = c.get("/info").json()
+    paths = schema["paths"]
+    assert {"/generate", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events", "/v1/images/generations"} <= set(
+        paths
+    )
+    ok = paths["/generate"]["post"]["responses"]["200"]["content"]
+    assert {"application/json", "image/png", "image/jpeg", "image/webp", "text/event-stream"} <= set(ok)
+    assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "400" in paths["/v1/images/generations"]["post"]["responses"]
+    assert "422" not in paths["/v1/images/generations"]["post"]["responses"]
+    assert "202" in paths["/v1/jobs"]["post"]["responses"] and "410" in paths["/v1/jobs/{job_id}"]["get"]["responses"]
+    props = schema["components"]["schemas"]["GenerateBody"]["properties"]
+    steps = next(a for a in props["steps"]["anyOf"] if a.get("type") == "integer")
+    assert [steps["minimum"], steps["maximum"]] == info["limits"]["steps"]
+    openai_props = schema["components"]["schemas"]["OpenAIImageBody"]["properties"]
+    size = next(a for a in openai_props["size"]["anyOf"] if "enum" in a)
+    assert set(size["enum"]) == {"auto", *info["sizes"]}
+
+
+def test_schemathesis_finds_no_failure(srv: LiveServer) -> None:
+    cmd = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", srv.url + "/openapi.json",
+        "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--request-timeout", "30",
+        "--no-color",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+    text = out.stdout + out.stderr
+    summary = [line.strip("= ") for line in text.splitlines() if re.search(r" in [\d.]+s =+$", line)]
+    cases = re.search(r"(\d+) generated, (\d+) passed", text)
+    sys.stderr.write(f"\nschemathesis: {summary[-1] if summary else '?'}; {cases.group(0) if cases else ''}\n")
+    assert out.returncode == 0, text[-6000:]
+    assert re.search(r"Tested: 11\b", text), text[-2000:]  # every operation, the job routes included
+    assert summary and summary[-1].startswith("No issues found"), text[-4000:]
