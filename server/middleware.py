@@ -24,7 +24,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/", "/favicon.ico")
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/", "/favicon.ico", "/docs", "/docs/oauth2-redirect", "/openapi.json")
 OPEN_PREFIXES = ("/static/",)
 
 

@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None,
         description="If set, every API route needs 'Authorization: Bearer <key>' (/healthz, /readyz, "
-        "/metrics and the web page stay open).",
+        "/metrics, the web page and /docs stay open).",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Allowed CORS origins, comma-separated ('*' for any); empty = CORS off."

@@ -129,6 +129,13 @@ def test_broken_json_422(client: httpx.Client) -> None:
     assert r.status_code == 422 and r.json()["error"]["field"] == "body" and "JSON" in r.json()["error"]["message"]
     r = client.post("/generate", content=b"[1, 2]", headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "body"
+    # not UTF-8: the same answer as any other bad body, in each route's shape
+    r = client.post("/generate", content=b"\xff\xfe{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "body" and "UTF-8" in r.json()["error"]["message"]
+    r = client.post("/v1/images/generations", content=b"\xff{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body" and "field" not in r.json()["error"]
+    r = client.post("/v1/jobs", content=b"\xff{", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
 
 
 def test_streaming_token_limit_is_still_a_422(client: httpx.Client) -> None:
@@ -307,6 +314,7 @@ def test_worker_fatal_message(srv: LiveServer, client: httpx.Client) -> None:
 def test_web_page_and_static(client: httpx.Client) -> None:
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "swagger" in client.get("/docs").text.lower()  # the README points users at /docs
     assert client.get("/static/no-such-file.js").status_code == 404
 
 

@@ -172,3 +172,46 @@ def test_partial_images_cadence() -> None:
     t = (1024 // 16) ** 2 // 4  # 1024 AR steps
     every = preview_every_for(info, 1024, 1024, 3)
     assert (t - 1) // every >= 3 and every == t // 4
+
+
+def test_usable_cpus_reads_affinity_and_cgroup_quota(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server import settings as settings_mod
+
+    monkeypatch.setattr(settings_mod.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3, 4, 5})
+    root = tmp_path / "cg"
+    root.mkdir()
+    assert settings_mod.usable_cpus(str(root)) == 6  # no quota file: the affinity mask
+    (root / "cpu.max").write_text("max 100000\n")
+    assert settings_mod.usable_cpus(str(root)) == 6
+    (root / "cpu.max").write_text("250000 100000\n")  # a 2.5-CPU limit
+    assert settings_mod.usable_cpus(str(root)) == 2
+    (root / "cpu.max").write_text("50000 100000\n")
+    assert settings_mod.usable_cpus(str(root)) == 1
+    monkeypatch.setattr(settings_mod, "usable_cpus", lambda: 6)
+    cfgs = Settings(devices=["cpu", "cpu", "cpu"]).worker_configs()
+    assert [c.threads for c in cfgs] == [2, 2, 2] and all(c.interop_threads == 1 for c in cfgs)
+    assert Settings(devices=["cpu"]).worker_env("cpu") == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert Settings(devices=["cpu"], omp_wait_policy="default").worker_env("cpu") == {}
+
+
+def test_job_store_bounds_oldest_first_and_remembers_what_it_evicted() -> None:
+    from server.jobs import JobStore
+    from server.mailbox import RequestState
+
+    store = JobStore(ttl_s=600, max_results=10, max_bytes=2_000_000)
+
+    def finish(i: int, nbytes: int) -> str:
+        st = RequestState(GenerationRequest(f"{i:032x}", "p", 64, 64, seed=0, steps=2), 0)
+        store.add(st, "job")
+        st.push("queued", {"position": 0})
+        data = {"images": [{"data": b"x" * nbytes, "format": "png"}], "seed": 0, "width": 64, "height": 64}
+        st.push("completed", data)
+        return st.request_id
+
+    ids = [finish(i, 600_000) for i in range(3)]  # base64 ~800 kB each: the byte cap keeps two
+    assert store.get(ids[0]) is None and store.was_here(ids[0]) == "evicted"
+    assert store.get(ids[1]).status == "succeeded" and store.get(ids[2]) is not None
+    assert store.get("f" * 32) is None and store.was_here("f" * 32) is None  # unknown: 404, not 410
+    store.get(ids[1])  # reading a result does not make it younger: still the first out
+    finish(3, 600_000)
+    assert store.get(ids[1]) is None and store.get(ids[2]) is not None
