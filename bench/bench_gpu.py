@@ -22,6 +22,7 @@ from bitdance_core import attention
 from bitdance_core.checkpoints import build_random_model
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.quantize import MODES, quantize_module_, tensor_bytes
 from bitdance_core.serving_config import ServingConfig
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
@@ -29,7 +30,7 @@ BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
 
 
 def params_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(tensor_bytes(p) for p in module.parameters())  # quantised weights as stored
 
 
 def run(engine: Engine, n: int, h: int, w: int, steps: int, guidance: float) -> tuple[float, float]:
@@ -50,15 +51,16 @@ def run(engine: Engine, n: int, h: int, w: int, steps: int, guidance: float) -> 
 
 
 def measure(preset: str = "14b-64x", device: str = "cuda", dtype: str | None = None, size: str = "1024x1024",
-            steps: int = 50, guidance: float = 7.5, batches=(1, 4, 16), log=print) -> dict:
+            steps: int = 50, guidance: float = 7.5, batches=(1, 4, 16), log=print, quantize: str = "none") -> dict:
     """Build the random model, warm up, run each batch size; returns the numbers the table and
     ``bench/gpu_check.py`` use (peak memory measured on CUDA during the largest batch)."""
     w, h = (int(x) for x in size.split("x"))
     t0 = time.perf_counter()
     model = build_random_model(preset, device, dtype)
+    quantize_module_(model.llm, quantize, model.placement)  # as a --quantize load keeps the prior
     serving = ServingConfig.for_model(model.config, {"sizes": [[h, w]], "default_size": [h, w]})
     engine = Engine(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
-    log(f"built {preset} on {device} in {time.perf_counter() - t0:.1f}s; attention "
+    log(f"built {preset} (quantize {quantize}) on {device} in {time.perf_counter() - t0:.1f}s; attention "
         f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
     run(engine, 1, h, w, 2, guidance)  # warm-up
     T = engine.sizes.ar_steps(h, w)
@@ -108,11 +110,13 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--quantize", default="none", choices=MODES, help="quantise the prior's linears (as a "
+                    "--quantize load does) after building it; run once per mode to compare")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     attention.set_backend(args.attention)
     measure(args.preset, args.device, args.dtype, args.size, args.steps, args.guidance,
-            [int(x) for x in args.batches.split(",")])
+            [int(x) for x in args.batches.split(",")], quantize=args.quantize)
 
 
 if __name__ == "__main__":

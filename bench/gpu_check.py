@@ -15,7 +15,9 @@ Rows (check, measured, target, verdict PASS / FAIL / INFO / SKIP):
    (target <= 1.3x) and images/s at 16 concurrent against the bf16 compute ceiling (target >= 50%);
 6. memory: the peak allocated during the 16-request run against the plan's prediction for the same
    engine (``memory_plan.measure_peaks``): the plan must not be below it (on CPU: the live bytes of the
-   real run against the fake one).
+   real run against the fake one);
+7. ``--quantize int8`` and ``fp8`` (issue #12): the same measure with the prior quantised, batch-1 latency and
+   throughput next to the bf16 rows (INFO; fp8 is skipped, with the device's capability, where unsupported).
 
 Exit status 1 when a row FAILs.
 """
@@ -174,6 +176,35 @@ def check_bench(args) -> tuple[list[tuple], dict]:
     return rows, out
 
 
+def check_quantize(args, bf16_out: dict) -> list[tuple]:
+    """int8 and fp8 (``--quantize``) latency and throughput next to the bf16 run (issue #12); fp8 only where the
+    device supports it (else one INFO row with the reason)."""
+    from bitdance_core import quantize as q
+    from bitdance_core.device import resolve
+
+    rows = []
+    n1, n = min(args.batches), max(args.batches)
+    ref1, refn = bf16_out["batches"][n1], bf16_out["batches"][n]
+    for mode in ("int8", "fp8"):
+        try:
+            q.check_supported(mode, resolve(args.device, args.dtype))
+        except q.QuantizeError as e:
+            rows.append((f"{mode} vs bf16", f"skipped: {e}", "runs where supported", "INFO"))
+            continue
+        out = bench_gpu.measure(args.preset, args.device, args.dtype, args.size, args.steps, args.guidance,
+                                [n1, n], log=lambda s: print(s, file=sys.stderr), quantize=mode)
+        b1, bn = out["batches"][n1], out["batches"][n]
+        weights = sum(q.module_bytes(m) for m in (out["engine"].model.llm, out["engine"].model.head))
+        rows.append((f"{mode} vs bf16 ({args.preset} {args.size})",
+                     f"batch-1 {b1['first_s']:.2f}s vs {ref1['first_s']:.2f}s "
+                     f"({b1['first_s'] / ref1['first_s']:.2f}x); "
+                     f"{n} concurrent {bn['images_per_s']:.3f} vs {refn['images_per_s']:.3f} img/s "
+                     f"({bn['images_per_s'] / refn['images_per_s']:.2f}x); prior+head {weights / 1e9:.1f} GB",
+                     "measured", "INFO"))
+        del out
+    return rows
+
+
 def check_plan(bench_out: dict, n: int) -> tuple:
     """The plan's prediction for the bench's engine at n requests against what that run held."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -223,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     bench_rows, out = check_bench(args)
     rows += bench_rows
     rows.append(check_plan(out, max(args.batches)))
+    bf16_engine, out["engine"] = out.pop("engine"), None
+    del bf16_engine  # free the bf16 model before the quantised ones are built
+    rows += check_quantize(args, out)
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"device": args.device, "elapsed_s": elapsed,

@@ -1,11 +1,14 @@
 """The ``bitdance`` command.
 
     bitdance generate --prompt TEXT [--model DIR] [--height H --width W] [--steps S] [--guidance G]
-                      [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T] --output OUT.png
+                      [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T]
+                      [--quantize none|int8|fp8] --output OUT.png
     bitdance generate --model FILE.pt --class-label L [--class-label L2 ...] [--seed N] [--steps S] [--guidance G]
                       [--cfg-schedule linear|constant] [--vae AE.pt] [--model-args ARGS.json] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
+    bitdance quantize --model DIR --output DIR2 --quantize int8|fp8   (a pre-quantised checkpoint directory)
     bitdance plan (--preset NAME | --model DIR) --gpu-memory 80GiB [--dtype bfloat16] [--size WxH] [--json]
+                  [--quantize none|int8|fp8]
     bitdance serve ...       (the HTTP server; ``server.cli``)
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
     bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
@@ -33,6 +36,9 @@ DELEGATES = {
     "train-demo": ("bitdance_core.demo.train", "main", "train the embedded demo model"),
     "eval-demo": ("bitdance_core.demo.evaluate", "main", "evaluate a demo checkpoint"),
 }
+
+
+QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.quantize.MODES, without importing torch for --help
 
 
 class CLIError(Exception):
@@ -82,6 +88,10 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                  "bfloat16 on CUDA)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="weight-only quantisation of the prior's linear layers while loading (default: none; int8 "
+                        "on CPU and CUDA, fp8 on CUDA compute capability >= 8.9); a pre-quantised --model loads as "
+                        "stored")
 
     m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
     m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x | "
@@ -94,6 +104,12 @@ def _build_parser() -> argparse.ArgumentParser:
                                                  "others float32, as released)")
     m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
 
+    qz = sub.add_parser("quantize", help="write a pre-quantised checkpoint directory (safetensors only)")
+    qz.add_argument("--model", required=True, help="checkpoint directory in the official layout")
+    qz.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
+    qz.add_argument("--quantize", required=True, choices=[m for m in QUANTIZE_MODES if m != "none"])
+    qz.add_argument("--device", default="cpu", help="where to run the quantisation (default cpu)")
+
     p = sub.add_parser("plan", help="memory plan: how many concurrent requests fit on a device (no weights read)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a checkpoint preset (14b-64x, 14b-16x, ...)")
@@ -102,6 +118,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
     p.add_argument("--size", default=None, help="WxH served (default: the checkpoint's default size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
+                   help="plan for weights quantised at load (default none; as `bitdance serve --quantize`)")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -138,7 +156,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise CLIError("--steps must be at least 1")
     try:
-        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype)
+        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
+                                                quantize=args.quantize)
         serving = ServingConfig.for_model(pipe.config)  # the same defaults and sizes as the server
     except (CheckpointError, ValueError, RuntimeError) as e:  # a broken checkpoint, a bad --device / --dtype
         raise CLIError(f"cannot load {model_dir}: {e}") from e
@@ -206,6 +225,18 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .config import CheckpointError
+    from .quantized_checkpoint import write_quantized
+
+    try:
+        out = write_quantized(args.model, args.output, args.quantize, device=args.device)
+    except (CheckpointError, ValueError, RuntimeError) as e:
+        raise CLIError(f"cannot quantize {args.model}: {e}") from e
+    print(f"wrote {args.quantize} pre-quantised checkpoint to {out}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     import json
 
@@ -222,11 +253,18 @@ def _plan(args: argparse.Namespace) -> int:
         if not (x and w.isdigit() and h.isdigit()):
             raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
         size = (int(h), int(w))
+    from .quantize import fake_build
+    from .quantized_checkpoint import stored_mode
+
     try:
+        mode = args.quantize
+        if args.model is not None and mode == "none":
+            mode = stored_mode(args.model)  # a pre-quantised directory is planned as it loads
+        build = fake_build(mode)
         if args.preset is not None:
-            result = plan_preset(args.preset, gpu, args.dtype, size)
+            result = plan_preset(args.preset, gpu, args.dtype, size, build=build)
         else:
-            result = plan_dir(args.model, gpu, args.dtype, size)
+            result = plan_dir(args.model, gpu, args.dtype, size, build=build)
     except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
         raise CLIError(str(e)) from e
     if args.json:
@@ -263,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "make-checkpoint":
             return _make_checkpoint(args)
+        if args.command == "quantize":
+            return _quantize(args)
         if args.command == "plan":
             return _plan(args)
         raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover (argparse rejects it first)

@@ -150,11 +150,9 @@ def fake_model(config: ModelConfig, tokenizer, dtype: torch.dtype, build=None):
 
 def module_bytes(model) -> dict[str, int]:
     """Bytes of every parameter and buffer of each module, as built (quantised or not)."""
-    out = {}
-    for name in ("llm", "head", "projector", "ae"):
-        m = getattr(model, name)
-        out[name] = sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
-    return out
+    from .quantize import module_bytes as kept_bytes
+
+    return {name: kept_bytes(getattr(model, name)) for name in ("llm", "head", "projector", "ae")}
 
 
 def _longest_text(prompts, limit: int, word: str) -> str:

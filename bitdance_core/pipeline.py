@@ -61,8 +61,9 @@ class BitDancePipeline:
         self.pos_1d = sincos_1d(cfg.llm.hidden_size // 2, POS_TABLE_ROWS).to(self.device)
 
     @classmethod
-    def from_pretrained(cls, model_dir, device: str | None = None, dtype: str | None = None, **kw):
-        return cls(load_model(model_dir, device, dtype), **kw)
+    def from_pretrained(cls, model_dir, device: str | None = None, dtype: str | None = None,
+                        quantize: str | None = None, **kw):
+        return cls(load_model(model_dir, device, dtype, quantize=quantize), **kw)
 
     def position_table(self, h: int, w: int) -> torch.Tensor:
         return pos2d_table(h, w, self.config.patch_side, self.config.llm.hidden_size, self.pos_1d)

@@ -5,12 +5,16 @@ from memory-mapped safetensors files, converted one at a time to the placement's
 and adopted with ``load_state_dict(strict=True, assign=True)``. Every mismatch (missing file,
 missing or unexpected key, wrong shape) is an error naming the file and the keys; nothing is
 ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
+``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights one by one as they are read; a
+pre-quantised directory (``bitdance quantize``, ``bitdance_core.quantized_checkpoint``) is recognised and loaded
+as stored.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,7 @@ class LoadedModel:
     projector: Projector
     ae: BinaryAutoencoder
     tokenizer: object
+    quantize: str = "none"  # the prior's linear weights: none | int8 | fp8 (bitdance_core.quantize.MODES)
 
 
 def _fmt(keys, limit: int = 12) -> str:
@@ -70,11 +75,13 @@ def _file_keys(path: Path) -> dict[str, Path]:
 
 
 def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement, *, prefix: str = "",
-              ignore_prefixes: tuple[str, ...] = (), what: str = "") -> None:
+              ignore_prefixes: tuple[str, ...] = (), what: str = "",
+              convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
     """Fill a meta-built module from safetensors ``sources`` (file key → path), strictly.
 
     ``prefix`` is prepended to the module's own key names to find them in the files;
-    file keys starting with one of ``ignore_prefixes`` are allowed and skipped.
+    file keys starting with one of ``ignore_prefixes`` are allowed and skipped. ``convert(key, tensor)`` (module
+    key, the file's tensor) replaces the default conversion to the placement's device and dtype.
     """
     expected = {prefix + k: v for k, v in module.state_dict(keep_vars=True).items()}
     present = set(sources)
@@ -105,7 +112,9 @@ def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement,
             # the converted copies (peak RSS ~ weights kept, not kept + file).
             with safe_open(str(path), "pt", device="cpu") as f:
                 t = f.get_tensor(k)
-            state[k[len(prefix):]] = t.to(device=placement.device, dtype=placement.dtype)
+            key = k[len(prefix):]
+            state[key] = (convert(key, t) if convert is not None
+                          else t.to(device=placement.device, dtype=placement.dtype))
             del t
     module.load_state_dict(state, strict=True, assign=True)
 
@@ -136,15 +145,32 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype: str | None = None, *,
-               with_encoder: bool = False) -> LoadedModel:
-    """Load a checkpoint directory in the official layout onto one device, strictly."""
+               with_encoder: bool = False, quantize: str | None = None) -> LoadedModel:
+    """Load a checkpoint directory in the official layout onto one device, strictly.
+
+    ``quantize`` (none | int8 | fp8, default none) quantises the prior's linear weights while loading; a
+    pre-quantised directory loads as stored (``quantize`` must then be none or its own mode).
+    """
+    from . import quantize as q
+    from . import quantized_checkpoint as qc
+
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     placement = resolve(device, dtype)
+    mode = q.check_mode(quantize)
+    llm_files = _llm_files(model_dir)
+    stored = qc.check_llm_files(model_dir, llm_files)
+    if stored != "none" and mode not in ("none", stored):
+        raise CheckpointError(f"{model_dir} is pre-quantised ({stored}); it cannot be loaded with quantize={mode}")
+    mode = stored if stored != "none" else mode
+    q.check_supported(mode, placement)
     tokenizer = load_tokenizer(model_dir)
     llm, head, projector, ae = build_modules(config, with_encoder=with_encoder)
-    load_into(llm, _llm_files(model_dir), placement, prefix="model.", ignore_prefixes=("lm_head.",),
-              what="LLM weights (model*.safetensors)")
+    if stored != "none":
+        qc.load_prequantized(llm, llm_files, placement, stored)
+    else:
+        load_into(llm, llm_files, placement, prefix="model.", ignore_prefixes=("lm_head.",),
+                  what="LLM weights (model*.safetensors)", convert=q.converter(mode, placement))
     load_into(head, _file_keys(model_dir / "vision_head.safetensors"), placement, what="vision_head.safetensors")
     load_into(projector, _file_keys(model_dir / "projector.safetensors"), placement, what="projector.safetensors")
     load_into(ae, _file_keys(model_dir / "ae.safetensors"), placement,
@@ -152,6 +178,6 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     for m in (llm, head, projector, ae):
         m.eval().requires_grad_(False)
     n_params = sum(p.numel() for m in (llm, head, projector, ae) for p in m.parameters())
-    logger.info("loaded %s: %.1fM parameters on %s (%s)", config.name, n_params / 1e6, placement.device,
-                placement.dtype)
-    return LoadedModel(config, placement, llm, head, projector, ae, tokenizer)
+    logger.info("loaded %s: %.1fM parameters on %s (%s, quantize %s: %.1f MiB kept)", config.name, n_params / 1e6,
+                placement.device, placement.dtype, mode, q.module_bytes(llm, head, projector, ae) / 2**20)
+    return LoadedModel(config, placement, llm, head, projector, ae, tokenizer, mode)

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Compute dtype; default: the device policy (float32 on CPU, bfloat16 on CUDA)."
     )
+    quantize: Literal["none", "int8", "fp8"] = Field(
+        "none",
+        description="Weight-only quantisation of the prior's linear layers at load: int8 (CPU and CUDA), fp8 (CUDA "
+        "compute capability >= 8.9); a pre-quantised --model (`bitdance quantize`) loads as stored.",
+    )
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="Attention kernels in the worker."
     )
@@ -218,6 +223,7 @@ class Settings(BaseSettings):
                 model_args=os.path.abspath(self.model_args) if self.model_args else None,
                 device=dev,
                 dtype=self.dtype,
+                quantize=self.quantize,
                 attention_backend=self.attention_backend,
                 max_batch_requests=self.max_batch_requests,
                 max_waiting=self.max_queue,

@@ -22,11 +22,14 @@ def test_gpu_check_smoke_prints_every_row_and_passes():
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rows = {row["check"].split(" (")[0]: row for row in json.loads(r.stdout)["rows"]}
     assert set(rows) == {"bf16 vs fp32", "xformers vs SDPA", "no host sync in warm steps", "CUDA graphs on == off",
-                         "batch-1 latency", "throughput at 2 concurrent", "peak memory vs bitdance plan"}
+                         "batch-1 latency", "throughput at 2 concurrent", "peak memory vs bitdance plan",
+                         "int8 vs bf16", "fp8 vs bf16"}
     assert rows["no host sync in warm steps"]["verdict"] == "PASS"
     assert rows["peak memory vs bitdance plan"]["verdict"] == "PASS"
     assert rows["bf16 vs fp32"]["verdict"] == "PASS"
     assert rows["CUDA graphs on == off"]["measured"].startswith("3/3")
+    assert rows["int8 vs bf16"]["measured"].startswith("batch-1 ")  # int8 ran next to the unquantised run
+    assert "compute capability" in rows["fp8 vs bf16"]["measured"]  # fp8: skipped with the reason on CPU
 
 
 def test_the_sync_check_fails_on_a_sync(monkeypatch):

@@ -42,8 +42,10 @@ def evaluate(
     progress: bool = True,
     splits: tuple[str, ...] = ("seen", "heldout"),
     pipe=None,
+    quantize: str | None = None,
 ) -> dict:
-    """``steps`` / ``guidance_scale`` default to the checkpoint's serving defaults (``serving_config.json``)."""
+    """``steps`` / ``guidance_scale`` default to the checkpoint's serving defaults (``serving_config.json``);
+    ``quantize`` (none | int8) loads the prior quantised (``bitdance_core.quantize``)."""
     from tqdm import tqdm
 
     from bitdance_core.pipeline import BitDancePipeline
@@ -52,7 +54,7 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     if pipe is None:
-        pipe = BitDancePipeline.from_pretrained(str(model_dir), device="cpu")
+        pipe = BitDancePipeline.from_pretrained(str(model_dir), device="cpu", quantize=quantize)
     serving = ServingConfig.for_model(pipe.config)
     steps = serving.default_steps if steps is None else steps
     guidance_scale = serving.default_guidance if guidance_scale is None else guidance_scale
@@ -64,6 +66,7 @@ def evaluate(
         "guidance_scale": guidance_scale,
         "images_per_caption": images_per_caption,
         "parallel_num": pipe.config.parallel_num,
+        "quantize": pipe.model.quantize,
     }
     grid = size // pipe.config.downsample
     report["ar_steps"] = grid * grid // pipe.config.parallel_num
@@ -127,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--save-dir", default=None, help="write image grids here")
     ap.add_argument("--json", default=None, help="write the report here")
+    ap.add_argument("--quantize", default="none", choices=("none", "int8"),
+                    help="weight-only quantisation of the prior while loading (default none)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = args.model or default_model_dir()
     rep = evaluate(model, args.steps, args.guidance, args.per_group, args.images_per_caption, args.seed,
-                   args.save_dir, args.threads)
+                   args.save_dir, args.threads, quantize=args.quantize)
     text = json.dumps(rep, indent=2)
     if args.json:
         Path(args.json).write_text(text + "\n")

@@ -162,6 +162,7 @@ class WorkerConfig:
     warmup: bool = True
     worker_index: int = 0
     threads: int | None = None  # torch intra-op threads on CPU
+    quantize: str = "none"  # weight-only quantisation of the prior at load: none | int8 | fp8 (bitdance_core.quantize)
     interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default
     protocol_version: int = PROTOCOL_VERSION  # the API process's; the worker refuses to start on a mismatch
 

@@ -161,11 +161,14 @@ def build_engine(config: WorkerConfig):
         from ..imagenet.family import serving_for
         from ..imagenet.loader import load_class_model
 
+        if config.quantize not in (None, "none"):
+            raise ValueError(f"--quantize {config.quantize} applies to text-to-image checkpoint directories; "
+                             "class-conditional models are served unquantised (use --quantize none)")
         model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
                                  model_args=config.model_args)
         serving = serving_for(model)
     else:
-        model = load_model(config.model_dir, config.device, config.dtype)
+        model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize)
         sizes = [list(s) for s in config.sizes] if config.sizes else None
         serving = ServingConfig.for_model(model.config, {"sizes": sizes})
     engine = Engine(model, config.engine_config(), serving)
@@ -194,7 +197,7 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name, config.worker_index)
-    out.send(WorkerReady(config.worker_index, engine.info()))
+    out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize}))
     try:
         run_loop(engine, inbox, out)
     except EngineDead as e:  # the device is unusable: the pool fails this worker's requests and restarts it

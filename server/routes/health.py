@@ -74,6 +74,7 @@ async def info(request: Request) -> dict[str, Any]:
             {
                 **wk.describe(),
                 "dtype": (wk.info or {}).get("dtype"),
+                "quantize": (wk.info or {}).get("quantize"),
                 "attention_backend": (wk.info or {}).get("attention_backend"),
             }
             for wk in pool.workers
