@@ -230,6 +230,33 @@ def _set_limits(props: dict[str, Any], info: dict[str, Any], n_field: str) -> No
             target["minimum"], target["maximum"] = lim[key]
 
 
+def _set_kind(model: dict[str, Any], info: dict[str, Any]) -> None:
+    """The condition fields of the served model's kind: a text-to-image model takes a ``prompt``
+    (required) and no class fields; a class-conditional one a ``class_label`` or a class-name ``prompt``,
+    and no ``negative_prompt``. Undocumented fields are refused (``additionalProperties`` false)."""
+    props = model["properties"]
+    if info.get("kind") != "class-conditional":
+        props.pop("class_label", None)
+        props.pop("cfg_schedule", None)
+        prompt = _string_schema(props.get("prompt"))
+        if prompt is not None:  # a string, never null
+            outer = props["prompt"]
+            props["prompt"] = {**prompt, **{k: outer[k] for k in ("pattern", "description") if k in outer}}
+        model["required"] = sorted({*model.get("required", ()), "prompt"})
+        return
+    props.pop("negative_prompt", None)
+    n = int(info.get("num_classes") or 1000)
+    label = {"type": "integer", "minimum": 0, "maximum": n - 1}
+    props["class_label"] = {"anyOf": [label, {"type": "array", "items": label, "minItems": 1}, {"type": "null"}],
+                            "description": props.get("class_label", {}).get("description", "")}
+    names = info.get("class_names")
+    prompt = _string_schema(props.get("prompt"))
+    if names and prompt is not None:  # exactly a class name (the server also takes other letter cases)
+        props["prompt"].pop("pattern", None)
+        prompt["enum"] = sorted(set(names))
+    model["anyOf"] = [{"allOf": [{"anyOf": model["anyOf"]}, {"required": [key]}]} for key in ("class_label", "prompt")]
+
+
 def _string_schema(prop: dict[str, Any] | None) -> dict[str, Any] | None:
     return _typed(prop, "string")
 
@@ -276,6 +303,7 @@ def patch_schema(schema: dict[str, Any], info: dict[str, Any], aliases: list[str
                 for w, h in sizes
             ),
         ]
+        _set_kind(model, info)
     model = comps.get("OpenAIImageBody")
     if model is not None:
         model.update(copy.deepcopy(OPENAI_BODY_RULES))

@@ -215,3 +215,34 @@ def test_job_store_bounds_oldest_first_and_remembers_what_it_evicted() -> None:
     store.get(ids[1])  # reading a result does not make it younger: still the first out
     finish(3, 600_000)
     assert store.get(ids[1]) is None and store.get(ids[2]) is not None
+
+
+def test_openapi_condition_fields_follow_the_served_kind():
+    """A text-to-image schema requires a prompt and has no class fields; a class-conditional one takes
+    a bounded class_label or an exact class name, and no negative_prompt (what the server enforces)."""
+    import jsonschema
+    from fastapi.openapi.utils import get_openapi
+
+    from server.app import create_app
+    from server.docs import patch_schema
+
+    base = get_openapi(title="t", version="1", routes=create_app().routes)
+    limits = {"num_images": [1, 4], "steps": [1, 100], "guidance_scale": [0, 20], "max_prompt_chars": 100}
+    t2i = {"kind": "text-to-image", "model": "m", "sizes": [[64, 64]], "limits": limits}
+    cc = {**t2i, "kind": "class-conditional", "num_classes": 1000, "class_names": ["goldfish", "tench"],
+          "sizes": [[256, 256]]}
+
+    def valid(info: dict, body: dict) -> bool:
+        schema = patch_schema(base, info, [])["components"]["schemas"]["GenerateBody"]
+        try:
+            jsonschema.validate(body, schema)
+            return True
+        except jsonschema.ValidationError:
+            return False
+
+    assert valid(t2i, {"prompt": "a red circle"})
+    assert not valid(t2i, {}) and not valid(t2i, {"prompt": None})
+    assert not valid(t2i, {"prompt": "a", "class_label": 1}) and not valid(t2i, {"prompt": "a", "cfg_schedule": "linear"})
+    assert valid(cc, {"class_label": 3}) and valid(cc, {"class_label": [1, 2]}) and valid(cc, {"prompt": "goldfish"})
+    assert not valid(cc, {}) and not valid(cc, {"class_label": 1000}) and not valid(cc, {"prompt": "a dog"})
+    assert not valid(cc, {"class_label": 1, "negative_prompt": "x"})
