@@ -242,7 +242,8 @@ def test_openapi_condition_fields_follow_the_served_kind():
 
     assert valid(t2i, {"prompt": "a red circle"})
     assert not valid(t2i, {}) and not valid(t2i, {"prompt": None})
-    assert not valid(t2i, {"prompt": "a", "class_label": 1}) and not valid(t2i, {"prompt": "a", "cfg_schedule": "linear"})
+    assert not valid(t2i, {"prompt": "a", "class_label": 1})
+    assert not valid(t2i, {"prompt": "a", "cfg_schedule": "linear"})
     assert valid(cc, {"class_label": 3}) and valid(cc, {"class_label": [1, 2]}) and valid(cc, {"prompt": "goldfish"})
     assert not valid(cc, {}) and not valid(cc, {"class_label": 1000}) and not valid(cc, {"prompt": "a dog"})
     assert not valid(cc, {"class_label": 1, "negative_prompt": "x"})
