@@ -36,16 +36,18 @@ def test_several_labels_write_numbered_files(ckpt, tmp_path, capsys):
         img = Image.open(tmp_path / f"out-{i}.png")
         assert img.size == (256, 256)
         assert np.array_equal(np.asarray(img.convert("RGB")), want.pixels[i].numpy())
-        params = json.loads(img.text["parameters"])
+        params = json.loads(img.text["bitdance"])  # the server's format
         assert params["class_label"] == label and params["cfg_schedule"] == "linear" and params["index"] == i
-        assert params["class_name"] == ("golden retriever", "otter")[i] and params["steps"] == 2
+        assert params["prompt"] == ("golden retriever", "otter")[i] and params["steps"] == 2
+        assert "model_dir" not in params and "model_path" not in params
+        assert img.text["parameters"].startswith(params["prompt"] + "\nSteps: 2,")
 
 
 def test_prompt_naming_a_class(ckpt, tmp_path, capsys):
     out = tmp_path / "g.png"
     assert cli.main(["generate", "--model", str(ckpt), "--prompt", "Goldfish", "--seed", "1", "--steps", "1",
                      "--cfg-schedule", "constant", "--output", str(out), "--no-progress"]) == 0
-    assert json.loads(Image.open(out).text["parameters"])["class_label"] == 1
+    assert json.loads(Image.open(out).text["bitdance"])["class_label"] == 1
 
 
 @pytest.mark.parametrize("extra, needle", [
@@ -54,6 +56,7 @@ def test_prompt_naming_a_class(ckpt, tmp_path, capsys):
     (["--class-label", "1", "--class-label", "2", "--num-images", "3"], "--num-images 3 differs"),
     (["--class-label", "1", "--height", "512"], "256x256"),
     ([], "--class-label"),
+    (["--class-label", "1", "--quantize", "int8"], "unquantised"),
 ])
 def test_errors(ckpt, tmp_path, capsys, extra, needle):
     argv = ["generate", "--model", str(ckpt), "--steps", "1", "--output", str(tmp_path / "x.png"), *extra]

@@ -67,6 +67,13 @@ def encode_image(array: np.ndarray, fmt: str, params: dict | None = None, qualit
     return buf.getvalue()
 
 
+def _image_params(params: dict, req, i: int) -> dict:
+    """One image's metadata: the request's, its index and (class-conditional) its own label."""
+    if req.class_label is None:
+        return {**params, "index": i}
+    return {**params, "index": i, "class_label": req.class_label[i]}
+
+
 def pack_tokens(tokens) -> bytes:
     """(N, C) ±1 tokens → packed bits (1 = +1), row-major, big-endian bit order."""
     return np.packbits(np.asarray(tokens) > 0).tobytes()
@@ -116,11 +123,11 @@ class _Output:
                                       height=req.height, model=self.model_name, num_images=req.num_images,
                                       **req.metadata)
             if req.class_label is not None:
-                params.update(class_label=list(req.class_label), cfg_schedule=req.cfg_schedule)
+                params.update(cfg_schedule=req.cfg_schedule)
         tokens = data["tokens"].numpy()
         want_tokens = req is not None and req.return_tokens
         quality = getattr(req, "output_compression", None)
-        images = [{"data": encode_image(img, fmt, params and {**params, "index": i}, quality), "format": fmt,
+        images = [{"data": encode_image(img, fmt, params and _image_params(params, req, i), quality), "format": fmt,
                    "tokens": pack_tokens(tokens[i]) if want_tokens else None}
                   for i, img in enumerate(data["images"])]
         return {"seed": data["seed"], "width": data["width"], "height": data["height"], "images": images,

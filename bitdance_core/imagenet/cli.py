@@ -7,10 +7,8 @@ sampler draws its batch. Defaults (steps 100, the released file's guidance, line
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
-from pathlib import Path
 
 from ..config import CheckpointError
 from ..serving_config import InvalidRequest
@@ -28,6 +26,9 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
                        "the null class)")
     if args.height is not None or args.width is not None:
         raise CLIError("a class-conditional model generates one size only (256x256); drop --height/--width")
+    if getattr(args, "quantize", "none") != "none":
+        raise CLIError(f"--quantize {args.quantize} applies to text-to-image checkpoint directories; "
+                       "class-conditional models run unquantised")
     try:
         pipe = ClassConditionalPipeline.from_checkpoint(args.model, device=args.device, dtype=args.dtype,
                                                         vae=args.vae, model_args=args.model_args)
@@ -70,16 +71,19 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
 
     from PIL.PngImagePlugin import PngInfo
 
+    from ..png_metadata import image_parameters, png_text
+
     names = class_names() if cfg.num_classes == 1000 else None
     paths = output_paths(args.output, len(labels))
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = {"class_label": labels[i], "class_name": names[labels[i]] if names else None, "seed": out.seed,
-                  "steps": steps, "guidance": guidance, "cfg_schedule": schedule, "width": cfg.image_size,
-                  "height": cfg.image_size, "model": cfg.name, "model_path": str(Path(args.model).resolve()),
-                  "index": i, "num_images": len(labels)}
+        params = image_parameters(  # the server's format (infotext + JSON), no local paths
+            prompt=names[labels[i]] if names else "", negative_prompt=None, seed=out.seed, steps=steps,
+            guidance_scale=guidance, width=cfg.image_size, height=cfg.image_size, model=cfg.name, index=i,
+            num_images=len(labels), class_label=labels[i], cfg_schedule=schedule)
         info = PngInfo()
-        info.add_text("parameters", json.dumps(params))
+        for key, value in png_text(params).items():
+            info.add_text(key, value)
         img.save(path, pnginfo=info)
         print(f"saved: {path}", flush=True)
     return 0

@@ -47,6 +47,7 @@ class LoadedClassModel:
     path: str
     weights: str  # "ema" or "model"
     vae_path: str | None  # None: the checkpoint's own vae.* tensors
+    quantize: str = "none"  # served unquantised (the worker refuses --quantize for this family)
 
 
 def load_pickle(path: Path) -> Any:
