@@ -166,8 +166,10 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     q.check_supported(mode, placement)
     tokenizer = load_tokenizer(model_dir)
     llm, head, projector, ae = build_modules(config, with_encoder=with_encoder)
+    embedding = qc.stored_embedding(model_dir) if stored != "none" else True
+    q.prepare_prior_(llm, mode, embedding=embedding)
     if stored != "none":
-        qc.load_prequantized(llm, llm_files, placement, stored)
+        qc.load_prequantized(llm, llm_files, placement, stored, embedding)
     else:
         load_into(llm, llm_files, placement, prefix="model.", ignore_prefixes=("lm_head.",),
                   what="LLM weights (model*.safetensors)", convert=q.converter(mode, placement))
