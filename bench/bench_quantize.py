@@ -196,7 +196,9 @@ def memory(tmp: Path) -> None:
         qo, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
         shapes = [(qo, h), (kv, h), (kv, h), (h, qo), (i, h), (i, h), (h, i)]
         row = {m: n * sum(q.linear_weight_bytes(o, k, m) for o, k in shapes) for m in ("none", "int8")}
-        print(f"  {preset}: prior linears {row['none'] / 1e9:.2f} GB bf16 -> {row['int8'] / 1e9:.2f} GB int8")
+        emb = {m: q.linear_weight_bytes(cfg["vocab_size"], h, m) for m in ("none", "int8")}  # same per-row layout
+        print(f"  {preset}: prior linears {row['none'] / 1e9:.2f} GB bf16 -> {row['int8'] / 1e9:.2f} GB int8; "
+              f"token embedding table {emb['none'] / 1e9:.2f} GB -> {emb['int8'] / 1e9:.2f} GB")
 
 
 def demo_bits(n_prompts: int = 24) -> None:
