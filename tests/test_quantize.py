@@ -104,6 +104,7 @@ def test_int8_quantises_exactly_the_prior_linears(int8_model):
 
 def test_int8_is_batch_invariant_in_the_engine(int8_model):
     """batched == single with the same quantised weights: a request gives the same bits alone or in a batch."""
+    assert isinstance(int8_model.llm.embed_tokens, q.Int8Embedding)  # the int8 table's row lookup is in the path
     reqs = [GenerationRequest("a", "a red circle", 64, 64, seed=5, steps=3, guidance_scale=2.0),
             GenerationRequest("b", "two blue squares and a much longer prompt", 64, 128, seed=6, steps=4,
                               guidance_scale=5.0, num_images=2),
