@@ -5,9 +5,9 @@ from memory-mapped safetensors files, converted one at a time to the placement's
 and adopted with ``load_state_dict(strict=True, assign=True)``. Every mismatch (missing file,
 missing or unexpected key, wrong shape) is an error naming the file and the keys; nothing is
 ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
-``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights one by one as they are read; a
-pre-quantised directory (``bitdance quantize``, ``bitdance_core.quantized_checkpoint``) is recognised and loaded
-as stored.
+``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights (with int8 also its token embedding
+table) one by one as they are read; a pre-quantised directory (``bitdance quantize``,
+``bitdance_core.quantized_checkpoint``) is recognised and loaded as stored.
 """
 
 from __future__ import annotations
