@@ -64,7 +64,7 @@ def measure(preset: str = "14b-64x", device: str = "cuda", dtype: str | None = N
         f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
     run(engine, 1, h, w, 2, guidance)  # warm-up
     T = engine.sizes.ar_steps(h, w)
-    head_b, prior_b = params_bytes(model.head), params_bytes(model.llm) - model.llm.embed_tokens.weight.nbytes
+    head_b, prior_b = params_bytes(model.head), params_bytes(model.llm) - tensor_bytes(model.llm.embed_tokens.weight)
     cuda = engine.device.type == "cuda"
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in gpu), None)

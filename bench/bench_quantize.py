@@ -6,7 +6,8 @@ Sections (all by default except ``demo-bits`` and ``demo``, which take ~5 and ~6
 
 * ``golden``: the golden fixture (tests/fixtures/reference-tiny-a, made by the official code in float32): token-bit
   agreement with it at the first AR step and over the whole image, and the mean / max image difference (uint8
-  levels), for ``none``, ``int8`` (the prior's linears, what ``--quantize int8`` does) and ``int8+head`` (also the
+  levels), for ``none``, ``int8-linears`` (the prior's linears only, the embedding table unquantised),
+  ``int8`` (linears and token embedding table, what ``--quantize int8`` does) and ``int8+head`` (also the
   diffusion head's linears: measured, not shipped);
 * ``layers``: relative error ``|y_q - y| / |y|`` of int8 (and fp8 when the machine supports it) linears against
   bf16 on random BitDance-14B-shaped layers (Qwen3-14B q/k/o, gate/up, down; head-sized 5120x5120), weights ~
@@ -18,7 +19,7 @@ Sections (all by default except ``demo-bits`` and ``demo``, which take ~5 and ~6
   ``tests/test_core_loading.py``) over the bytes kept, on the ``bench-mem`` preset, for an on-the-fly int8 load
   and for a pre-quantised directory; and the kept bytes of the 14B presets per mode;
 * ``demo-bits``: the demo model, paired with its unquantised self (same captions and seeds): bit agreement at the
-  first AR step and over the image, image difference, for ``int8`` and ``int8+head``;
+  first AR step and over the image, image difference, for ``int8-linears``, ``int8`` and ``int8+head``;
 * ``demo``: ``eval-demo`` scores of the demo model for none / int8 / int8+head with seeds 0 and 1 (the seed-to-seed
   spread of the unquantised model is the noise floor the quantised differences are judged against).
 """
@@ -56,10 +57,12 @@ def load_variant(model_dir, variant: str, **kw):
     m = load_model(model_dir, "cpu", quantize="none" if variant == "none" else "int8", **kw)
     if variant == "int8+head":
         quantize_head(m)
+    if variant == "int8-linears":  # the embedding table as stored (what --quantize int8 did before format 2)
+        m.llm.embed_tokens = load_model(model_dir, "cpu", **kw).llm.embed_tokens
     return m
 
 
-VARIANTS = ("none", "int8", "int8+head")
+VARIANTS = ("none", "int8-linears", "int8", "int8+head")
 
 
 def golden() -> None:
@@ -193,7 +196,9 @@ def memory(tmp: Path) -> None:
         qo, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
         shapes = [(qo, h), (kv, h), (kv, h), (h, qo), (i, h), (i, h), (h, i)]
         row = {m: n * sum(q.linear_weight_bytes(o, k, m) for o, k in shapes) for m in ("none", "int8")}
-        print(f"  {preset}: prior linears {row['none'] / 1e9:.2f} GB bf16 -> {row['int8'] / 1e9:.2f} GB int8")
+        emb = {m: q.linear_weight_bytes(cfg["vocab_size"], h, m) for m in ("none", "int8")}  # same per-row layout
+        print(f"  {preset}: prior linears {row['none'] / 1e9:.2f} GB bf16 -> {row['int8'] / 1e9:.2f} GB int8; "
+              f"token embedding table {emb['none'] / 1e9:.2f} GB -> {emb['int8'] / 1e9:.2f} GB")
 
 
 def demo_bits(n_prompts: int = 24) -> None:

@@ -10,9 +10,11 @@ Modes (``--quantize`` / ``BITDANCE_QUANTIZE``; one owner for the names: ``MODES`
   tensor of ``Float8DynamicActivationFloat8WeightConfig`` with ``PerRow``), for CUDA devices of compute capability
   >= 8.9 (Ada, Hopper and newer) in bfloat16; anywhere else it is an error naming the device's capability.
 
-Only the 7 projections of every decoder layer are quantised (``q/k/v/o_proj``, ``gate/up/down_proj``: 13.2 of the
-14.8 B parameters of Qwen3-14B); embeddings, norms, the diffusion head, the projector and the autoencoder keep the
-placement dtype (measurements: ``bench/bench_quantize.py`` and the README's quantisation section).
+The 7 projections of every decoder layer are quantised (``q/k/v/o_proj``, ``gate/up/down_proj``: 13.2 of the
+14.8 B parameters of Qwen3-14B); with int8 also the prior's token embedding table (``embed_tokens``: 0.78 B
+parameters), in the same per-row symmetric format, looked up by ``Int8Embedding`` (gather the rows, then
+dequantise only those). Norms, the diffusion head, the projector and the autoencoder keep the placement dtype
+(measurements: ``bench/bench_quantize.py`` and the README's quantisation section).
 The quantisation reads the file's tensor, upcasts it exactly to float32 (int8) or keeps it bfloat16 (fp8) on the
 target device, quantises it and drops the high-precision copy before the next tensor, so the whole bf16 model is
 never resident next to its quantised copy. torchao is imported on first use only.
@@ -39,6 +41,8 @@ FP8_MIN_CAPABILITY = (8, 9)
 TORCHAO_PIN = "torchao==0.18.0"
 # the linear weights of one decoder layer, as module keys (no "model." prefix)
 _TARGET = re.compile(r"^layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+EMBED_KEY = "embed_tokens.weight"  # the prior's token embedding table (module key), int8 only
+_CHUNK_ELEMENTS = 1 << 26  # int8 quantises at most this many elements at a time (a 256 MiB float32 temporary)
 # the tensors torchao's safetensors format stores for one quantised weight, per mode
 DATA_NAMES = {"int8": ("qdata", "scale", "zero_point"), "fp8": ("qdata", "scale")}
 QDATA_DTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -79,8 +83,57 @@ def check_supported(mode: str, placement: Placement) -> None:
 
 
 def is_target(key: str) -> bool:
-    """Whether a module key (``layers.N.mlp.up_proj.weight``, no ``model.`` prefix) is quantised."""
+    """Whether a module key (``layers.N.mlp.up_proj.weight``, no ``model.`` prefix) is a quantised linear weight."""
     return bool(_TARGET.match(key))
+
+
+def is_quantized(key: str, mode: str, embedding: bool = True) -> bool:
+    """Whether a prior module key is stored quantised under ``mode``: the linear weights, and with int8 the token
+    embedding table (``embedding=False``: a pre-quantised directory of format 1, written before it was)."""
+    return is_target(key) or (embedding and mode == "int8" and key == EMBED_KEY)
+
+
+class Int8Embedding(torch.nn.Module):
+    """``nn.Embedding`` over an int8 table (torchao ``Int8Tensor``, one float32 scale per row, symmetric).
+
+    A lookup gathers the int8 rows and their scales first and dequantises only those rows, with torchao's own
+    ``dequantize_affine``: the result equals ``weight.dequantize()[ids]`` exactly, and no temporary as large as the
+    table is made (torchao's ``aten.embedding`` for ``Int8Tensor`` dequantises the whole table per call).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        if weight is None:  # shapes only, filled by load_state_dict(assign=True)
+            weight = torch.empty(num_embeddings, embedding_dim, device="meta")
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        from torchao.quantization.quant_primitives import dequantize_affine
+
+        w, flat = self.weight, ids.reshape(-1)
+        zp = None if w.zero_point is None else w.zero_point.index_select(0, flat)
+        rows = dequantize_affine(w.qdata.index_select(0, flat), (1, self.embedding_dim), w.scale.index_select(0, flat),
+                                 zp, torch.int8, output_dtype=w.dtype)
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def prepare_prior_(llm: torch.nn.Module, mode: str, embedding: bool = True) -> None:
+    """Give the prior the modules a ``mode`` load fills: with int8 (and ``embedding``), ``embed_tokens`` becomes an
+    ``Int8Embedding`` of the same shape and key. On a loaded prior its table is quantised here (row chunks)."""
+    old = llm.embed_tokens
+    if mode != "int8" or not embedding or isinstance(old, Int8Embedding):
+        return
+    n, d = old.weight.shape
+    w = None
+    if old.weight.device.type != "meta":
+        w = quantize_weight(old.weight.detach(), mode, old.weight.device, old.weight.dtype)
+    llm.embed_tokens = Int8Embedding(n, d, w)
+    del old
+    release_freed_memory()
 
 
 _SUBMODULES = ("torchao", "torchao.quantization", "torchao.prototype.safetensors.safetensors_support")
@@ -114,9 +167,20 @@ def quantize_weight(weight: torch.Tensor, mode: str, device: torch.device | str,
     torchao()
     from torchao.quantization import Float8Tensor, Int8Tensor, PerRow
 
-    if mode == "int8":
-        q = Int8Tensor.from_hp(weight.to(device=device, dtype=torch.float32), granularity=PerRow())
-        return Int8Tensor(q.qdata, q.scale, q.block_size, dtype, zero_point=q.zero_point)
+    if mode == "int8":  # row by row independent: quantised in chunks of rows, the same result as in one go
+        out, inp = weight.shape
+        step = max(1, _CHUNK_ELEMENTS // max(1, inp))
+        if out <= step:
+            q = Int8Tensor.from_hp(weight.to(device=device, dtype=torch.float32), granularity=PerRow())
+            return Int8Tensor(q.qdata, q.scale, q.block_size, dtype, zero_point=q.zero_point)
+        qdata = torch.empty(out, inp, dtype=torch.int8, device=device)
+        scale = torch.empty(out, 1, dtype=torch.float32, device=device)
+        zero = torch.empty(out, 1, dtype=torch.int8, device=device)
+        for a in range(0, out, step):
+            q = Int8Tensor.from_hp(weight[a:a + step].to(device=device, dtype=torch.float32), granularity=PerRow())
+            qdata[a:a + step], scale[a:a + step], zero[a:a + step] = q.qdata, q.scale, q.zero_point
+            del q
+        return Int8Tensor(qdata, scale, [1, inp], dtype, zero_point=zero)
     if mode == "fp8":
         cfg = fp8_config()
         return Float8Tensor.from_hp(weight.to(device=device, dtype=torch.bfloat16), float8_dtype=cfg.weight_dtype,
@@ -186,7 +250,7 @@ def converter(mode: str, placement: Placement):
     torchao()
 
     def convert(key: str, t: torch.Tensor) -> torch.Tensor:
-        if is_target(key):
+        if is_quantized(key, mode):
             out = quantize_weight(t, mode, placement.device, placement.dtype)
             release_freed_memory()
             return out
@@ -243,10 +307,11 @@ def fake_build(mode: str):
         from .weights import build_modules
 
         modules = build_modules(config, with_encoder=False)
+        prepare_prior_(modules[0], mode)
         for i, m in enumerate(modules):
             state = {}
             for k, v in m.state_dict(keep_vars=True).items():
-                if i == 0 and is_target(k):
+                if i == 0 and is_quantized(k, mode):
                     state[k] = empty_quantized(tuple(v.shape), mode, dtype)
                 else:
                     state[k] = torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
@@ -258,12 +323,14 @@ def fake_build(mode: str):
 
 def quantize_module_(module: torch.nn.Module, mode: str, placement: Placement, keys=None) -> None:
     """Quantise an already-loaded module's weights in place (``keys``: module keys; default: the prior's
-    targets), one at a time on their device: for models built without a file (``build_random_model``) and
-    measurements."""
+    targets, and its embedding table with int8), one at a time on their device: for models built without a file
+    (``build_random_model``) and measurements."""
     mode = check_mode(mode)
     check_supported(mode, placement)
     if mode == "none":
         return
+    if keys is None and hasattr(module, "embed_tokens"):
+        prepare_prior_(module, mode)
     for name, mod in list(module.named_modules()):
         key = f"{name}.weight" if name else "weight"
         if isinstance(mod, torch.nn.Linear) and (key in keys if keys is not None else is_target(key)):

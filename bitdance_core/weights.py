@@ -5,9 +5,9 @@ from memory-mapped safetensors files, converted one at a time to the placement's
 and adopted with ``load_state_dict(strict=True, assign=True)``. Every mismatch (missing file,
 missing or unexpected key, wrong shape) is an error naming the file and the keys; nothing is
 ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
-``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights one by one as they are read; a
-pre-quantised directory (``bitdance quantize``, ``bitdance_core.quantized_checkpoint``) is recognised and loaded
-as stored.
+``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights (with int8 also its token embedding
+table) one by one as they are read; a pre-quantised directory (``bitdance quantize``,
+``bitdance_core.quantized_checkpoint``) is recognised and loaded as stored.
 """
 
 from __future__ import annotations
@@ -166,8 +166,10 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     q.check_supported(mode, placement)
     tokenizer = load_tokenizer(model_dir)
     llm, head, projector, ae = build_modules(config, with_encoder=with_encoder)
+    embedding = qc.stored_embedding(model_dir) if stored != "none" else True
+    q.prepare_prior_(llm, mode, embedding=embedding)
     if stored != "none":
-        qc.load_prequantized(llm, llm_files, placement, stored)
+        qc.load_prequantized(llm, llm_files, placement, stored, embedding)
     else:
         load_into(llm, llm_files, placement, prefix="model.", ignore_prefixes=("lm_head.",),
                   what="LLM weights (model*.safetensors)", convert=q.converter(mode, placement))

@@ -87,17 +87,24 @@ def test_int8_quantises_exactly_the_prior_linears(int8_model):
             assert torch.equal(w.scale.flatten(), orig.abs().amax(1) / 127.5)  # symmetric per output channel
             err = (w.dequantize() - orig).abs().max() / orig.abs().max()
             assert 0 < err <= 1 / 254 + 1e-6
-    plain = [m.llm.embed_tokens.weight, m.llm.norm.weight, m.llm.layers[0].input_layernorm.weight,
+    emb = m.llm.embed_tokens.weight  # the token embedding table: int8 rows, one scale per row, same convention
+    orig = ref["model.embed_tokens.weight"].float()
+    assert isinstance(m.llm.embed_tokens, q.Int8Embedding) and q.mode_of(emb) == "int8"
+    assert emb.qdata.dtype == torch.int8 and emb.dtype == torch.float32 and emb.shape == orig.shape
+    assert torch.equal(emb.scale.flatten(), orig.abs().amax(1) / 127.5)
+    assert 0 < (emb.dequantize() - orig).abs().max() / orig.abs().max() <= 1 / 254 + 1e-6
+    plain = [m.llm.norm.weight, m.llm.layers[0].input_layernorm.weight,
              *m.head.parameters(), *m.projector.parameters(), *m.ae.parameters()]
     assert all(q.mode_of(t) == "none" and t.dtype == torch.float32 for t in plain)
-    linear_elems = sum(layer.get_submodule(n).weight.numel() for layer in m.llm.layers for n in LINEARS)
-    saved = linear_elems * 4 - (q.module_bytes(m.llm) - sum(
-        q.tensor_bytes(t) for n, t in m.llm.named_parameters() if not q.is_target(n)))
-    assert saved >= linear_elems * 2.9  # int8 + scales instead of float32
+    elems = emb.numel() + sum(layer.get_submodule(n).weight.numel() for layer in m.llm.layers for n in LINEARS)
+    saved = elems * 4 - (q.module_bytes(m.llm) - sum(
+        q.tensor_bytes(t) for n, t in m.llm.named_parameters() if not q.is_quantized(n, "int8")))
+    assert saved >= elems * 2.9  # int8 + scales instead of float32
 
 
 def test_int8_is_batch_invariant_in_the_engine(int8_model):
     """batched == single with the same quantised weights: a request gives the same bits alone or in a batch."""
+    assert isinstance(int8_model.llm.embed_tokens, q.Int8Embedding)  # the int8 table's row lookup is in the path
     reqs = [GenerationRequest("a", "a red circle", 64, 64, seed=5, steps=3, guidance_scale=2.0),
             GenerationRequest("b", "two blue squares and a much longer prompt", 64, 128, seed=6, steps=4,
                               guidance_scale=5.0, num_images=2),
