@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.diffusion_head import LN_EPS, FinalLayer, TimestepEmbedder, TransBlock, _layer_norm
+from ..models.diffusion_head import LN_EPS, FinalLayer, HeadAPI, TimestepEmbedder, TransBlock, _layer_norm
 
 ATTN_HEAD_DIM = 64
 
@@ -52,7 +52,7 @@ class _Net(nn.Module):
         self.final_layer = FinalLayer(dim, ch_target)
 
 
-class ClassHead(nn.Module):
+class ClassHead(HeadAPI):
     """``DiffHead`` of imagenet_gen; ``parallel`` picks ``TransEncoder`` over ``MlpEncoder``."""
 
     def __init__(self, ch_target: int, ch_cond: int, ch_latent: int, depth_latent: int, depth_adanln: int,
@@ -68,31 +68,3 @@ class ClassHead(nn.Module):
         self.time_shift = float(time_shift)
         self.net = _Net(ch_target, ch_cond, ch_latent, depth_latent, depth_adanln, parallel)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.net.input_proj.weight.dtype
-
-    def condition(self, c: torch.Tensor) -> torch.Tensor:
-        """(R, P, ch_cond) -> (R, P, C) ``cond_embed(c)``, reused by every sampler evaluation of an AR step."""
-        return self.net.cond_embed(c.to(self.dtype))
-
-    def time_table(self, t: torch.Tensor) -> torch.Tensor:
-        return self.net.time_embed(t)
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
-                t_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """x (R, P, C_target), t (R,), cond_emb (R, P, C) -> float32 x-prediction (R, P, C_target)."""
-        net = self.net
-        h = net.input_proj(x.to(self.dtype))
-        te = net.time_embed(t)[:, None, :] if t_emb is None else t_emb.view(-1, 1, t_emb.shape[-1])
-        y = F.silu(te + cond_emb)
-        mod: tuple[torch.Tensor, ...] = ()
-        for i, block in enumerate(net.res_blocks):
-            if i % self.k_sw == 0:
-                mod = net.ada_ln_blocks[i // self.k_sw](y).chunk(self.n_mod, dim=-1)
-            h = block(h, mod)
-        return net.final_layer(h, y).float()
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """``net(x, t, c)`` of the reference (the module check's entry point)."""
-        return self.predict(x, t, self.condition(c))

@@ -122,7 +122,50 @@ class _Net(nn.Module):
         self.final_layer = FinalLayer(dim, ch_target)
 
 
-class DiffusionHead(nn.Module):
+class HeadAPI(nn.Module):
+    """What the sampler and the engine call on a head, shared by every family's heads: ``condition`` once
+    per AR step, ``time_table`` once per step count, ``predict`` per sampler evaluation. A subclass sets
+    ``net`` (time_embed, cond_embed, input_proj, res_blocks, ada_ln_blocks, final_layer), ``k_sw`` (blocks
+    per adaLN projection) and ``n_mod`` (modulation chunks), and maps the final layer's output in
+    ``output``."""
+
+    n_mod = 6
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.input_proj.weight.dtype
+
+    def condition(self, c: torch.Tensor) -> torch.Tensor:
+        """(R, P, ch_cond) condition -> (R, P, Dh) ``cond_embed(c)``; reuse it for every sampler step."""
+        return self.net.cond_embed(c.to(self.dtype))
+
+    def time_table(self, t: torch.Tensor) -> torch.Tensor:
+        """(K,) times -> (K, Dh) time embeddings; the sampler's times repeat every AR step, so build once."""
+        return self.net.time_embed(t)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
+                t_emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (R, P, C), t (R,), cond_emb from ``condition`` -> float32 x-prediction (R, P, C)."""
+        net = self.net
+        h = net.input_proj(x.to(self.dtype))
+        te = net.time_embed(t)[:, None, :] if t_emb is None else t_emb.view(-1, 1, t_emb.shape[-1])
+        y = F.silu(te + cond_emb)
+        mod: tuple[torch.Tensor, ...] = ()
+        for i, block in enumerate(net.res_blocks):
+            if i % self.k_sw == 0:
+                mod = net.ada_ln_blocks[i // self.k_sw](y).chunk(self.n_mod, dim=-1)
+            h = block(h, mod)
+        return self.output(net.final_layer(h, y))
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return o.float()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``net(x, t, c)`` of the reference (the module check's entry point)."""
+        return self.predict(x, t, self.condition(c))
+
+
+class DiffusionHead(HeadAPI):
     """``DiffHead`` and its ``net`` (``TransEncoder``); build as ``DiffusionHead(**vision_head_config)``."""
 
     def __init__(
@@ -152,32 +195,6 @@ class DiffusionHead(nn.Module):
         self.time_shift = float(time_shift)
         self.net = _Net(ch_target, ch_cond, ch_latent, depth_latent, depth_adanln, bool(use_swiglu))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.net.input_proj.weight.dtype
-
-    def condition(self, c: torch.Tensor) -> torch.Tensor:
-        """(R, P, ch_cond) condition -> (R, P, Dh) ``cond_embed(c)``; reuse it for every sampler step."""
-        return self.net.cond_embed(c.to(self.dtype))
-
-    def time_table(self, t: torch.Tensor) -> torch.Tensor:
-        """(K,) times -> (K, Dh) time embeddings; the sampler's times repeat every AR step, so build once."""
-        return self.net.time_embed(t)
-
-    def predict(self, x: torch.Tensor, t: torch.Tensor, cond_emb: torch.Tensor,
-                t_emb: torch.Tensor | None = None) -> torch.Tensor:
-        """x (R, P, C), t (R,), cond_emb from ``condition`` -> float32 x-prediction (R, P, C) in (-1, 1)."""
-        net = self.net
-        h = net.input_proj(x.to(self.dtype))
-        te = net.time_embed(t)[:, None, :] if t_emb is None else t_emb.view(-1, 1, t_emb.shape[-1])
-        y = F.silu(te + cond_emb)
-        mod: tuple[torch.Tensor, ...] = ()
-        for i, block in enumerate(net.res_blocks):
-            if i % self.k_sw == 0:
-                mod = net.ada_ln_blocks[i // self.k_sw](y).chunk(6, dim=-1)
-            h = block(h, mod)
-        o = net.final_layer(h, y)
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """The x-prediction in (-1, 1)."""
         return 2 * torch.sigmoid(o.float()) - 1
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.predict(x, t, self.condition(c))
