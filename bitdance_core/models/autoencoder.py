@@ -202,11 +202,38 @@ class BinaryAutoencoder(nn.Module):
         arch = {k: ddconfig[k] for k in DDCONFIG_KEYS - {"resolution", "double_z"}}  # KeyError if missing
         arch["ch_mult"] = tuple(arch["ch_mult"])
         self.ch_mult = arch["ch_mult"]
+        self.arch = dict(arch)
         self.z_channels = int(arch["z_channels"])
         self.gan_decoder = bool(gan_decoder)
         self.encoder = Encoder(**arch) if with_encoder else None
         decoder_cls = GANDecoder if gan_decoder else Decoder
         self.decoder = decoder_cls(**arch) if with_decoder else None
+
+    def add_encoder(self, state: dict[str, torch.Tensor], what: str = "autoencoder") -> None:
+        """Build the encoder and fill it strictly from ``state`` (its ``encoder.*`` tensors; other keys are
+        ignored), on the decoder's device and dtype: for a model loaded with ``with_encoder=False``."""
+        ref = next(self.parameters())
+        with torch.device("meta"):
+            encoder = Encoder(**self.arch)
+        want = {"encoder." + k: v.shape for k, v in encoder.state_dict().items()}
+        missing = sorted(set(want) - set(state))
+        unexpected = sorted(k for k in state if k.startswith("encoder.") and k not in want)
+        if missing or unexpected:
+            raise ValueError(f"{what}: encoder tensors missing {missing[:8]}, unexpected {unexpected[:8]}")
+        for k, shape in want.items():
+            if tuple(state[k].shape) != tuple(shape):
+                raise ValueError(f"{what}: {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
+        encoder.load_state_dict({k[len("encoder."):]: state[k].to(ref.device, ref.dtype) for k in want},
+                                strict=True, assign=True)
+        self.encoder = encoder.eval().requires_grad_(False)
+
+    @staticmethod
+    def encoder_parameters(ddconfig: dict) -> int:
+        """Parameters of the encoder a ``ddconfig`` describes (built on the meta device: nothing allocated)."""
+        arch = {k: ddconfig[k] for k in DDCONFIG_KEYS - {"resolution", "double_z"}}
+        arch["ch_mult"] = tuple(arch["ch_mult"])
+        with torch.device("meta"):
+            return sum(p.numel() for p in Encoder(**arch).parameters())
 
     @property
     def downsample_factor(self) -> int:
