@@ -35,12 +35,6 @@ logger = logging.getLogger(__name__)
 CONFIG_NAMES = ("{stem}_config.json", "{stem}.json", "ae_config.json", "config.json")
 
 
-def is_autoencoder_file(path: str | Path) -> bool:
-    """A lone autoencoder file (tokenizer-only serving): ``*.safetensors``, or ``ae*.pt``."""
-    p = Path(path)
-    return p.is_file() and (p.suffix == ".safetensors" or (p.suffix == ".pt" and p.name.startswith("ae")))
-
-
 class ImageTokenizer:
     def __init__(self, ae: BinaryAutoencoder, spec: TokenizerSpec, name: str = "autoencoder"):
         if ae.encoder is None or ae.decoder is None:

@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,12 @@ RESIZE_MODES = ("refuse", "fit", "crop")
 INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 MAX_INPUT_PIXELS = 4096 * 4096  # an uploaded image larger than this (declared in its header) is refused
 DEFAULT_MAX_SIDE = 2048  # tokenizer-only servers: the longest side encoded
+
+
+def is_autoencoder_file(path: str) -> bool:
+    """A lone autoencoder file (tokenizer-only serving): ``*.safetensors``, or ``ae*.pt``."""
+    name = os.path.basename(path)
+    return os.path.isfile(path) and (name.endswith(".safetensors") or (name.startswith("ae") and name.endswith(".pt")))
 
 
 class TokenizeError(ValueError):

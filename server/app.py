@@ -59,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (generate, jobs, openai, health, web):
         app.include_router(module.router)
+    if settings.tokenizer_enabled():  # POST /v1/tokenize, /v1/detokenize
+        from server.routes import tokenize
+
+        app.include_router(tokenize.router)
     install_openapi(app, lambda: pool.info, settings.model_aliases)
     if web.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")

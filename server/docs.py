@@ -356,7 +356,7 @@ def install_openapi(app: FastAPI, info_of: Any, aliases: list[str]) -> None:
                     if "400" in responses:  # OpenAI routes answer 400 where FastAPI documents 422
                         responses.pop("422", None)
         info = info_of()
-        if info is None:
+        if info is None or info.get("kind") == "tokenizer":  # no generator: nothing to state
             return cache["base"]
         key = repr((info.get("model"), info.get("sizes"), info.get("limits")))
         if cache.get("key") != key:

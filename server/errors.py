@@ -48,6 +48,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "model_not_found": 404,
     "job_not_found": 404,
     "job_expired": 410,
+    "no_generator": 501,
+    "unsupported_media_type": 415,  # a tokenizer-only server (a lone autoencoder --model) asked to generate
 }
 
 # the one final status of a generation-route request in bitdance_requests_total{status}

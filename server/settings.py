@@ -149,6 +149,16 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log).")
 
+    # --- binary tokenizer (POST /v1/tokenize, /v1/detokenize) ------------------------------------
+    tokenizer_routes: bool = Field(
+        False, description="Serve POST /v1/tokenize and /v1/detokenize with the model's autoencoder (loads its "
+        "encoder too); always on when --model is a lone autoencoder file (*.safetensors, ae*.pt).",
+    )
+    ae_config: str | None = Field(
+        None, description="A lone autoencoder --model: its JSON config ({ddconfig, gan_decoder}); default: "
+        "<stem>_config.json, <stem>.json, ae_config.json or config.json beside it.",
+    )
+
     model_aliases: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["bitdance"],
         description="Other names the OpenAI routes accept for the served model in 'model', comma-separated "
@@ -197,6 +207,11 @@ class Settings(BaseSettings):
 
         return default_model_dir()
 
+    def tokenizer_enabled(self) -> bool:
+        from bitdance_core.tokenize import is_autoencoder_file  # torch-free
+
+        return self.tokenizer_routes or is_autoencoder_file(self.resolved_model_dir())
+
     def sizes_hw(self) -> tuple[tuple[int, int], ...] | None:
         if self.sizes is None:
             return None
@@ -235,6 +250,8 @@ class Settings(BaseSettings):
                 worker_index=i,
                 threads=threads if dev == "cpu" else None,
                 interop_threads=self.interop_threads if dev == "cpu" else None,
+                tokenizer=self.tokenizer_enabled(),
+                ae_config=os.path.abspath(self.ae_config) if self.ae_config else None,
             )
             for i, dev in enumerate(devices)
         ]

@@ -36,6 +36,7 @@ from bitdance_core.engine.protocol import (
     Shutdown,
     StepStats,
     Submit,
+    TokenizerResult,
     WorkerConfig,
     WorkerFatal,
     WorkerReady,
@@ -44,6 +45,7 @@ from server.errors import REJECT_REASON_BY_CODE, APIError, outcome_of
 from server.mailbox import TERMINAL, RequestState
 from server.metrics import Metrics
 from server.settings import Settings
+from server.tokenizer_calls import TokenizerCalls
 from server.worker_entry import run_worker
 
 logger = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class WorkerPool:
         self.metrics = metrics
         self.workers = [WorkerHandle(i, cfg) for i, cfg in enumerate(settings.worker_configs())]
         self.requests: dict[str, RequestState] = {}
+        self.tokenizer = TokenizerCalls()  # /v1/tokenize, /v1/detokenize calls in flight
         self.draining = False
         self.closed = False
         self._ctx = mp.get_context("spawn")
@@ -286,6 +289,8 @@ class WorkerPool:
                 self._on_event(w, st, getattr(msg.kind, "value", msg.kind), msg.data)
         elif isinstance(msg, StepStats):
             self.metrics.observe_step(w.index, msg)
+        elif isinstance(msg, TokenizerResult):
+            self.tokenizer.on_result(msg)
         elif isinstance(msg, WorkerReady):
             w.state, w.info = "ready", dict(msg.info)
             logger.info(
@@ -345,6 +350,7 @@ class WorkerPool:
             self.metrics.kv_usage.labels(str(w.index)).set(0)
 
     def _fail_all(self, w: WorkerHandle, code: str, message: str) -> None:
+        self.tokenizer.fail_worker(w.index, code, message)
         for st in list(w.in_flight.values()):
             st.push("failed", {"code": code, "message": message})
             self._close(st)

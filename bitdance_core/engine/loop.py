@@ -35,12 +35,15 @@ def failed(request_id: str, code, message: str, field: str | None = None) -> Eng
 
 class EngineLoop:
     """``on_submit(request)`` runs before a request reaches the engine; ``on_step(step_s)`` after each
-    step; ``on_tick()`` once per iteration (busy or idle)."""
+    step; ``on_tick()`` once per iteration (busy or idle); ``on_message(msg)`` handles any other message
+    (the tokenizer's) between steps and returns True when it did."""
 
     def __init__(self, engine, emit: Callable[[EngineEvent], None], *,
                  on_submit: Callable | None = None, on_step: Callable[[float], None] | None = None,
-                 on_tick: Callable[[], None] | None = None, idle_wait_s: float = IDLE_WAIT_S):
+                 on_tick: Callable[[], None] | None = None, idle_wait_s: float = IDLE_WAIT_S,
+                 on_message: Callable[[object], bool] | None = None):
         self.engine, self.emit = engine, emit
+        self.on_message = on_message
         self.on_submit, self.on_step, self.on_tick = on_submit, on_step, on_tick
         self.idle_wait_s = idle_wait_s
         self.draining = False
@@ -74,7 +77,7 @@ class EngineLoop:
                     ev = engine.cancel(rid)
                     if ev is not None:
                         self.emit(ev)
-        else:
+        elif self.on_message is None or not self.on_message(msg):
             logger.warning("engine loop: unknown message %r", type(msg).__name__)
 
     def run(self, inbox) -> None:

@@ -11,11 +11,13 @@ Flow::
     API  --Submit(GenerationRequest)-->  worker      (one per request)
     API  --Cancel(request_id)-------->   worker      (client gone, timeout, shutdown)
     API  --Shutdown(drain)----------->   worker
+    API  --Tokenize / Detokenize----->   worker      (tokenizer routes; run between engine steps)
     API  <--WorkerReady(info)---------   worker      (after load + warm-up; readiness)
     API  <--RequestEvent(id, kind, data) worker      (queued, started, progress, preview, completed, failed)
     API  <--StepStats(...)------------   worker      (one per engine step, for metrics)
     API  <--Heartbeat(...)------------   worker      (from the loop: every ~0.5 s with work, ~2 s idle)
     API  <--WorkerFatal(message)------   worker      (then the worker exits non-zero)
+    API  <--TokenizerResult(id, ...)--   worker      (one per Tokenize / Detokenize)
 
 Every accepted request ends with exactly one ``completed`` or ``failed`` event.
 """
@@ -28,7 +30,7 @@ from typing import Any
 
 from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULTS, EngineConfig
 
-PROTOCOL_VERSION = 2  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version
+PROTOCOL_VERSION = 3  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version; 3: Tokenize
 
 
 class EventKind(str, enum.Enum):
@@ -88,6 +90,42 @@ class Cancel:
 @dataclass(frozen=True)
 class Shutdown:
     drain: bool = True  # finish in-flight work first
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    """Image -> binary tokens (``bitdance_core.tokenize`` conventions). The API has probed ``image`` (format,
+    size bound) and applied the size policy: ``height`` x ``width`` is the size to encode."""
+
+    request_id: str
+    image: bytes  # PNG / JPEG / WebP as uploaded
+    height: int
+    width: int
+    resize: str = "refuse"  # refuse | fit | crop (how the image reaches height x width)
+    patch_size: int | None = None  # token order; None = the served model's
+
+
+@dataclass(frozen=True)
+class Detokenize:
+    """Packed binary tokens -> image (PNG); the API has checked ``token_shape`` and the packing."""
+
+    request_id: str
+    tokens: bytes
+    token_shape: tuple[int, int]
+    height: int
+    width: int
+    patch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerResult:
+    """The answer to one ``Tokenize`` ({"tokens": bytes, "token_shape", "height", "width", "patch_size"}) or
+    ``Detokenize`` ({"image": bytes, "format": "png", "height", "width"}); ``error`` {code, message, field?,
+    allowed?} instead when it failed."""
+
+    request_id: str
+    data: dict[str, Any] = field(default_factory=dict)
+    error: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +202,8 @@ class WorkerConfig:
     threads: int | None = None  # torch intra-op threads on CPU
     quantize: str = "none"  # weight-only quantisation of the prior at load: none | int8 | fp8 (bitdance_core.quantize)
     interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default
+    tokenizer: bool = False  # load the autoencoder's encoder and answer Tokenize / Detokenize
+    ae_config: str | None = None  # a lone autoencoder file (tokenizer-only): its JSON config
     protocol_version: int = PROTOCOL_VERSION  # the API process's; the worker refuses to start on a mismatch
 
     def engine_config(self) -> EngineConfig:

@@ -175,7 +175,8 @@ def build_engine(config: WorkerConfig):
                                  model_args=config.model_args)
         serving = serving_for(model)
     else:
-        model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize)
+        model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize,
+                           with_encoder=bool(getattr(config, "tokenizer", False)))
         sizes = [list(s) for s in config.sizes] if config.sizes else None
         serving = ServingConfig.for_model(model.config, {"sizes": sizes})
     engine = Engine(model, config.engine_config(), serving)
@@ -197,16 +198,22 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         logger.error(msg)
         outbox.put(WorkerFatal(config.worker_index, msg))
         sys.exit(1)
+    from ..tokenize import is_autoencoder_file
+
+    if is_autoencoder_file(config.model_dir):
+        _tokenizer_only(config, inbox, outbox)
     try:
         engine = build_engine(config)
+        tokenizer = _tokenizer_for(engine) if config.tokenizer else None
     except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
         logger.exception("worker %d failed to start", config.worker_index)
         outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name, config.worker_index)
-    out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize}))
+    out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize,
+                                               "tokenizer": tokenizer.spec.to_info() if tokenizer else None}))
     try:
-        run_loop(engine, inbox, out)
+        run_loop(engine, inbox, out, _handler(tokenizer, out) if tokenizer else None)
     except EngineDead as e:  # the device is unusable: the pool fails this worker's requests and restarts it
         out.pool.shutdown(wait=True)  # what was already produced goes out first, in order
         outbox.put(WorkerFatal(config.worker_index, str(e)))
@@ -215,7 +222,43 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
     sys.exit(0)
 
 
-def run_loop(engine, inbox, out: _Output) -> None:
+def _tokenizer_for(engine):
+    from ..image_tokenizer import ImageTokenizer
+
+    return ImageTokenizer.for_model(engine.model, tuple(tuple(s) for s in engine.info()["sizes"]))
+
+
+def _handler(tokenizer, out: _Output):
+    from .tokenizer_worker import TokenizerHandler
+
+    return TokenizerHandler(tokenizer, lambda make: out.pool.submit(lambda: out.outbox.put(make())))
+
+
+def _tokenizer_only(config: WorkerConfig, inbox, outbox) -> None:
+    """``--model`` is a lone autoencoder file: serve the tokenizer messages only, then exit."""
+    import torch
+
+    from ..image_tokenizer import ImageTokenizer
+    from .tokenizer_worker import run_tokenizer_only
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        tok = ImageTokenizer.from_file(config.model_dir, config.ae_config, config.device, config.dtype)
+    except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
+        logger.exception("worker %d failed to start", config.worker_index)
+        outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
+        sys.exit(1)
+    out = _Output(outbox, tok.name, config.worker_index)
+    out.send(WorkerReady(config.worker_index, {
+        "kind": "tokenizer", "model": tok.name, "model_dir": config.model_dir, "device": str(tok.device),
+        "dtype": str(tok.ae.dtype).removeprefix("torch."), "tokenizer": tok.spec.to_info()}))
+    run_tokenizer_only(_handler(tok, out), inbox, out.send, config.worker_index)
+    out.pool.shutdown(wait=True)
+    sys.exit(0)
+
+
+def run_loop(engine, inbox, out: _Output, on_message=None) -> None:
     """The shared engine loop (``loop.EngineLoop``) with the worker's outputs: encoded events, one
     ``StepStats`` per step, and a ``Heartbeat`` from the loop itself (its silence = a stuck worker)."""
     last_beat = [0.0]
@@ -236,7 +279,7 @@ def run_loop(engine, inbox, out: _Output) -> None:
             out.send(Heartbeat(out.worker_index, engine.has_work(), len(engine.requests),
                                engine.scheduler.used_rows, loop.cancelled, loop.freed_rows))
 
-    loop = EngineLoop(engine, out.event, on_submit=on_submit, on_step=on_step, on_tick=on_tick)
+    loop = EngineLoop(engine, out.event, on_submit=on_submit, on_step=on_step, on_tick=on_tick, on_message=on_message)
     loop.run(inbox)
 
 

@@ -46,6 +46,10 @@ async def metrics(request: Request) -> Response:
 async def info(request: Request) -> dict[str, Any]:
     """What the served model accepts: sizes ('WxH'), defaults, limits, and the workers."""
     pool = request.app.state.pool
+    if (pool.info or {}).get("kind") == "tokenizer":
+        return {"kind": "tokenizer", "model": pool.info["model"], "model_dir": pool.info.get("model_dir"),
+                "version": bitdance_core.__version__, "tokenizer": pool.info["tokenizer"],
+                "workers": [wk.describe() for wk in pool.workers]}
     info = model_info(request)
     h, w = info["default_size"]
     return {
@@ -63,6 +67,7 @@ async def info(request: Request) -> dict[str, Any]:
         "downsample": info["downsample"],
         "preview_every": info.get("preview_every"),
         "output_formats": ["png", "jpeg", "webp"],
+        "tokenizer": info.get("tokenizer"),  # set when the tokenizer routes are on
         "max_queue": request.app.state.settings.max_queue,
         "openai": {"quality_steps": quality_steps(info), "model_aliases": request.app.state.settings.model_aliases},
         "jobs": {
