@@ -35,6 +35,8 @@ DELEGATES = {
     "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),
     "train-demo": ("bitdance_core.demo.train", "main", "train the embedded demo model"),
     "eval-demo": ("bitdance_core.demo.evaluate", "main", "evaluate a demo checkpoint"),
+    "tokenize": ("bitdance_core.tokenize_cli", "tokenize_main", "an image -> its binary tokens (.npz)"),
+    "detokenize": ("bitdance_core.tokenize_cli", "detokenize_main", "binary tokens (.npz) -> the decoded PNG"),
 }
 
 
@@ -120,6 +122,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
                    help="plan for weights quantised at load (default none; as `bitdance serve --quantize`)")
+    p.add_argument("--tokenizer-routes", action="store_true",
+                   help="count the AE encoder too (as `bitdance serve --tokenizer-routes`)")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -262,9 +266,10 @@ def _plan(args: argparse.Namespace) -> int:
             mode = stored_mode(args.model)  # a pre-quantised directory is planned as it loads
         build = fake_build(mode)
         if args.preset is not None:
-            result = plan_preset(args.preset, gpu, args.dtype, size, build=build)
+            result = plan_preset(args.preset, gpu, args.dtype, size, build=build,
+                                 tokenizer_routes=args.tokenizer_routes)
         else:
-            result = plan_dir(args.model, gpu, args.dtype, size, build=build)
+            result = plan_dir(args.model, gpu, args.dtype, size, build=build, tokenizer_routes=args.tokenizer_routes)
     except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
         raise CLIError(str(e)) from e
     if args.json:

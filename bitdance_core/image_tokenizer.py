@@ -70,10 +70,8 @@ class ImageTokenizer:
     @classmethod
     def for_model(cls, model, sizes: tuple[tuple[int, int], ...] | None) -> ImageTokenizer:
         """A loaded generator's autoencoder; its encoder is read now if the load skipped it."""
-        ae = model.ae
-        if ae.encoder is None:
-            ae.add_encoder(_encoder_state(model), what="encoder")
-        cfg = model.config
+        attach_encoder(model)
+        ae, cfg = model.ae, model.config
         spec = TokenizerSpec(ae.downsample_factor, ae.z_channels, int(cfg.patch_side), sizes,
                              gan_decoder=ae.gan_decoder)
         return cls(ae, spec, cfg.name)
@@ -84,6 +82,12 @@ class ImageTokenizer:
         ae = load_autoencoder(path, config, device, dtype)
         spec = TokenizerSpec(ae.downsample_factor, ae.z_channels, 1, None, max_side, ae.gan_decoder)
         return cls(ae, spec, Path(path).stem)
+
+
+def attach_encoder(model) -> None:
+    """Give a loaded generator's autoencoder its encoder (read from the files it came from) if it has none."""
+    if model.ae.encoder is None:
+        model.ae.add_encoder(_encoder_state(model), what="encoder")
 
 
 def _encoder_state(model) -> dict[str, torch.Tensor]:

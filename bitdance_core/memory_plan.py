@@ -336,9 +336,10 @@ def _make_plan(by_module: dict[str, int], shapes: Shapes, n, pf, ps, reserved, g
 
 def plan(config: ModelConfig, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
          size: tuple[int, int] | None = None, serving: ServingConfig | None = None, engine_config=None,
-         build=None, reserved_bytes: int | None = None) -> MemoryPlan:
+         build=None, reserved_bytes: int | None = None, tokenizer_routes: bool = False) -> MemoryPlan:
     """The plan for one device of ``gpu_memory_bytes`` serving ``size`` (height, width; default: the
-    serving default size). With ``size`` the deployment allows that size only (``--sizes``)."""
+    serving default size). With ``size`` the deployment allows that size only (``--sizes``).
+    ``tokenizer_routes``: the AE encoder is loaded too (``--tokenizer-routes``), counted as ``ae_encoder``."""
     from .engine.engine import EngineConfig
 
     t0 = time.perf_counter()
@@ -347,9 +348,18 @@ def plan(config: ModelConfig, tokenizer, dtype: torch.dtype, gpu_memory_bytes: i
         serving = ServingConfig.for_model(config, {"sizes": [list(size)], "default_size": list(size)} if size else None)
     size = tuple(size or serving.default_size)
     reserved = reserved_bytes_for(gpu_memory_bytes) if reserved_bytes is None else reserved_bytes
+    extra = {"ae_encoder": encoder_bytes(config, dtype)} if tokenizer_routes else {}
     by_module, shapes, n, pf, ps = _solve_fake(config, tokenizer, dtype, serving, engine_config, size,
-                                               lambda w: gpu_memory_bytes - w - reserved, build)
+                                               lambda w: gpu_memory_bytes - w - sum(extra.values()) - reserved, build)
+    by_module = {**by_module, **extra}
     return _make_plan(by_module, shapes, n, pf, ps, reserved, gpu_memory_bytes, config, dtype, size, t0)
+
+
+def encoder_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """The AE encoder's weight bytes (loaded only with the tokenizer routes)."""
+    from .models.autoencoder import BinaryAutoencoder
+
+    return BinaryAutoencoder.encoder_parameters(config.ae_ddconfig) * torch.empty((), dtype=dtype).element_size()
 
 
 def plan_on_device(model, serving: ServingConfig, engine_config) -> MemoryPlan:

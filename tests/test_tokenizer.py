@@ -163,3 +163,38 @@ def test_lone_autoencoder_file_is_strict(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({**cfg, "_class_name": "VQModel", "extra": 1}))
     with pytest.raises(ValueError, match="extra"):
         load_autoencoder(tmp_path / "ae.safetensors", tmp_path / "x.json", device="cpu")
+
+
+def test_encoder_size_of_the_released_autoencoder_and_the_plan_counts_it():
+    from bitdance_core.memory_plan import encoder_bytes, plan_dir
+    from bitdance_core.models.autoencoder import BinaryAutoencoder
+
+    released = {"ch": 256, "out_ch": 3, "in_channels": 3, "num_res_blocks": 4, "z_channels": 32,
+                "ch_mult": [1, 1, 2, 2, 4]}
+    assert round(BinaryAutoencoder.encoder_parameters(released) / 1e6, 2) == 198.94  # spec: encoder 198.94 M
+    tok = ImageTokenizer.from_file(T2I / "ae.safetensors", device="cpu", dtype="float32")
+    base = plan_dir(T2I, 2**30, "float32")
+    with_enc = plan_dir(T2I, 2**30, "float32", tokenizer_routes=True)
+    by_module = dict(with_enc.weights_by_module)
+    assert by_module["ae_encoder"] == tok.encoder_bytes
+    assert with_enc.weights_bytes - base.weights_bytes == tok.encoder_bytes
+    from bitdance_core.config import ModelConfig
+
+    assert encoder_bytes(ModelConfig.from_dir(T2I), torch.bfloat16) * 2 == tok.encoder_bytes
+
+
+def test_cli_tokenize_detokenize_round_trip(tmp_path, golden):
+    from bitdance_core.cli import main
+
+    ae = str(T2I / "ae.safetensors")
+    npz, png = tmp_path / "t.npz", tmp_path / "x.png"
+    assert main(["tokenize", str(GOLDEN / "t2i.png"), "--output", str(npz), "--model", ae, "--patch-size", "2"]) == 0
+    with np.load(npz) as z:
+        assert list(z["token_shape"]) == [24, 16] and int(z["patch_size"]) == 2
+        assert np.array_equal(unpack_bits(z["tokens"].tobytes(), 24, 16), golden["t2i.tokens.ps2"].numpy())
+    assert main(["detokenize", str(npz), "--output", str(png), "--model", ae]) == 0
+    expected = to_uint8(golden["t2i.decoded"])[0]
+    assert np.abs(_png(png).astype(int) - expected.astype(int)).max() <= 1
+    # the demo model takes 64x64 only: refused unless asked to resize
+    assert main(["tokenize", str(GOLDEN / "t2i.png"), "--output", str(npz)]) == 2
+    assert main(["tokenize", str(GOLDEN / "t2i.png"), "--output", str(npz), "--resize", "crop"]) == 0

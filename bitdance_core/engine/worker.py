@@ -174,6 +174,10 @@ def build_engine(config: WorkerConfig):
         model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
                                  model_args=config.model_args)
         serving = serving_for(model)
+        if getattr(config, "tokenizer", False):  # before the engine: its memory plan sees the encoder
+            from ..image_tokenizer import attach_encoder
+
+            attach_encoder(model)
     else:
         model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize,
                            with_encoder=bool(getattr(config, "tokenizer", False)))
