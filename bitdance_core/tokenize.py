@@ -28,8 +28,10 @@ from typing import Any
 import numpy as np
 
 RESIZE_MODES = ("refuse", "fit", "crop")
+PATCH_SIZES = (1, 2, 4, 8)  # token orders: the official 1x, 4x, 16x and 64x models' patch sides
 INPUT_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
-MAX_INPUT_PIXELS = 4096 * 4096  # an uploaded image larger than this (declared in its header) is refused
+MAX_INPUT_SIDE = 4096
+MAX_INPUT_PIXELS = MAX_INPUT_SIDE**2  # an uploaded image larger than this (declared in its header) is refused
 DEFAULT_MAX_SIDE = 2048  # tokenizer-only servers: the longest side encoded
 
 
@@ -112,8 +114,8 @@ class TokenizerSpec:
 
     def check_patch_size(self, patch_size: int | None) -> int:
         ps = self.patch_size if patch_size is None else int(patch_size)
-        if ps < 1 or ps > 64:
-            raise TokenizeError(f"patch_size {ps} is out of range", "patch_size", {"min": 1, "max": 64})
+        if ps not in PATCH_SIZES:
+            raise TokenizeError(f"patch_size {ps} is not one of {list(PATCH_SIZES)}", "patch_size", list(PATCH_SIZES))
         return ps
 
     # ---- tokens -----------------------------------------------------------------------------------------

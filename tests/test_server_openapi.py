@@ -79,3 +79,26 @@ def test_schemathesis_finds_no_failure(srv: LiveServer, tmp_path: Path) -> None:
     assert out.returncode == 0, text[-6000:]
     assert re.search(r"Tested: 11\b", text), text[-2000:]  # every operation, the job routes included
     assert summary and summary[-1].startswith("No issues found"), text[-4000:]
+
+
+def test_schemathesis_tokenizer_routes(tmp_path: Path) -> None:
+    """POST /v1/tokenize and /v1/detokenize on a real tokenizer-only server (the tiny autoencoder), the same
+    checks; schemathesis.toml lets a schema-valid body that is no image (or tokens of another shape) be a 422."""
+    from server_harness import TINY_MODEL
+
+    srv = LiveServer("--devices", "cpu", "--threads", "1", "--max-body-bytes", "100000",
+                     "--model", str(TINY_MODEL / "ae.safetensors"), fake=False)
+    try:
+        srv.wait_ready(120)
+        cmd = [
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", srv.url + "/openapi.json",
+            "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--request-timeout", "30",
+            "--no-color", "--include-path-regex", "^/v1/(de)?tokenize$", "--phases", "examples,coverage,fuzzing",
+        ]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    finally:
+        srv.kill()
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-6000:]
+    assert re.search(r"Tested: 2\b", text), text[-2000:]

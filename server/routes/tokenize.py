@@ -15,17 +15,26 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from bitdance_core.engine.protocol import Detokenize, ErrorCode, Tokenize
-from bitdance_core.tokenize import RESIZE_MODES, TokenizeError, TokenizerSpec, b64decode, plan_resize, probe_image
+from bitdance_core.tokenize import (
+    MAX_INPUT_SIDE,
+    RESIZE_MODES,
+    TokenizeError,
+    TokenizerSpec,
+    b64decode,
+    plan_resize,
+    probe_image,
+)
 from server.docs import COMMON_ERRORS, _error, _json
 from server.errors import APIError
-from server.schemas import Int
+from server.schemas import Int, _whole_float
 
 router = APIRouter()
 INVALID = ErrorCode.INVALID.value
-PatchSize = Annotated[Int, Field(ge=1, le=64)]
+PatchSize = Annotated[Literal[1, 2, 4, 8], BeforeValidator(_whole_float)]  # bitdance_core.tokenize.PATCH_SIZES
+Side = Annotated[int, Field(ge=1, le=MAX_INPUT_SIDE), BeforeValidator(_whole_float)]
 
 
 class TokenizeBody(BaseModel):
@@ -44,8 +53,8 @@ class DetokenizeBody(BaseModel):
 
     tokens: str = Field(..., min_length=1, description="Packed bits, base64 (return_tokens' packing).")
     token_shape: list[Int] = Field(..., min_length=2, max_length=2, description="[N, C]: tokens, bits per token.")
-    width: Int = Field(..., ge=1, description="Image width in pixels (N = (width/f) * (height/f)).")
-    height: Int = Field(..., ge=1, description="Image height in pixels.")
+    width: Side = Field(..., description="Image width in pixels (N = (width/f) * (height/f)).")
+    height: Side = Field(..., description="Image height in pixels.")
     patch_size: PatchSize | None = Field(None, description="Token order of tokens; default: the served model's.")
 
 
@@ -72,7 +81,7 @@ _MULTIPART = {
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The image file (PNG, JPEG or WebP)."},
         "resize": {"enum": list(RESIZE_MODES)},
-        "patch_size": {"type": "integer", "minimum": 1, "maximum": 64},
+        "patch_size": {"enum": [1, 2, 4, 8]},
     },
     "additionalProperties": False,
 }
