@@ -217,3 +217,24 @@ def test_demo_round_trip_psnr():
         mse = np.mean((img.astype(np.float64) - out.astype(np.float64)) ** 2)
         scores.append(10 * np.log10(255.0**2 / mse))
     assert np.mean(scores) > 22.0, scores
+
+
+def test_worker_runs_one_tokenizer_message_per_engine_step_while_busy():
+    from bitdance_core.engine.protocol import Detokenize, Tokenize, TokenizerResult
+    from bitdance_core.engine.tokenizer_worker import TokenizerHandler
+
+    tok = ImageTokenizer.from_file(T2I / "ae.safetensors", device="cpu", dtype="float32")
+    sent, busy = [], [True]
+    handler = TokenizerHandler(tok, lambda make: sent.append(make()), lambda: busy[0])
+    image = (GOLDEN / "t2i.png").read_bytes()
+    assert handler(Tokenize("a", image, 64, 96)) and handler(Tokenize("b", image, 64, 96, patch_size=2))
+    assert handler(Detokenize("c", b"\x00", (24, 16), 64, 96))  # wrong byte count
+    assert not handler(object())
+    assert sent == []  # queued, not run inside the inbox drain
+    handler.tick()
+    assert [m.request_id for m in sent] == ["a"]
+    busy[0] = False
+    handler.tick()
+    assert [m.request_id for m in sent] == ["a", "b", "c"] and all(isinstance(m, TokenizerResult) for m in sent)
+    assert sent[1].data["token_shape"] == [24, 16] and sent[1].data["patch_size"] == 2
+    assert sent[2].error["field"] == "tokens" and sent[2].error["code"] == "invalid_request"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
+from collections import deque
 from collections.abc import Callable
 
 from ..tokenize import TokenizeError, encode_png, load_rgb, pack_bits, probe_image, unpack_bits
@@ -32,15 +33,29 @@ NO_GENERATOR = "no_generator"
 
 
 class TokenizerHandler:
-    """``handler(msg)`` -> True when ``msg`` was a tokenizer message (answered through ``submit``, which runs
-    a function on the output thread and sends the message it returns)."""
+    """``handler(msg)`` -> True when ``msg`` was a tokenizer message: it is queued, and ``tick()`` (once per
+    loop iteration) runs one queued message while ``busy()`` (the engine has requests: one encode or decode
+    per engine step) or all of them when idle. Answers go through ``submit``, which runs a function on the
+    output thread and sends the message it returns."""
 
-    def __init__(self, tokenizer, submit: Callable[[Callable[[], object]], None]):
-        self.tok, self.submit = tokenizer, submit
+    def __init__(self, tokenizer, submit: Callable[[Callable[[], object]], None],
+                 busy: Callable[[], bool] = lambda: False):
+        self.tok, self.submit, self.busy = tokenizer, submit, busy
+        self.pending: deque = deque()
 
     def __call__(self, msg) -> bool:
         if not isinstance(msg, (Tokenize, Detokenize)):
             return False
+        self.pending.append(msg)
+        return True
+
+    def tick(self) -> None:
+        while self.pending:
+            self._run(self.pending.popleft())
+            if self.busy():
+                return
+
+    def _run(self, msg) -> None:
         try:
             if isinstance(msg, Tokenize):
                 self._tokenize(msg)
@@ -52,7 +67,6 @@ class TokenizerHandler:
             logger.exception("tokenizer request %s failed", msg.request_id)
             code = ErrorCode.OUT_OF_MEMORY.value if "out of memory" in str(e).lower() else ErrorCode.INTERNAL.value
             self._fail(msg.request_id, code, f"{type(e).__name__}: {e}")
-        return True
 
     def _fail(self, rid: str, code: str, message: str, field: str | None = None, allowed=None) -> None:
         err = {"code": code, "message": message}
@@ -98,6 +112,7 @@ def run_tokenizer_only(handler: TokenizerHandler, inbox, send: Callable[[object]
                 "generation is not available; use POST /v1/tokenize and /v1/detokenize"}))
         elif msg is not False and not isinstance(msg, Cancel) and not handler(msg):
             logger.warning("tokenizer worker: unknown message %r", type(msg).__name__)
+        handler.tick()
         now = time.monotonic()
         if now - last >= beat_s:
             last = now

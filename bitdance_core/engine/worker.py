@@ -217,7 +217,7 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
     out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize,
                                                "tokenizer": tokenizer.spec.to_info() if tokenizer else None}))
     try:
-        run_loop(engine, inbox, out, _handler(tokenizer, out) if tokenizer else None)
+        run_loop(engine, inbox, out, _handler(tokenizer, out, engine.has_work) if tokenizer else None)
     except EngineDead as e:  # the device is unusable: the pool fails this worker's requests and restarts it
         out.pool.shutdown(wait=True)  # what was already produced goes out first, in order
         outbox.put(WorkerFatal(config.worker_index, str(e)))
@@ -232,10 +232,10 @@ def _tokenizer_for(engine):
     return ImageTokenizer.for_model(engine.model, tuple(tuple(s) for s in engine.info()["sizes"]))
 
 
-def _handler(tokenizer, out: _Output):
+def _handler(tokenizer, out: _Output, busy=lambda: False):
     from .tokenizer_worker import TokenizerHandler
 
-    return TokenizerHandler(tokenizer, lambda make: out.pool.submit(lambda: out.outbox.put(make())))
+    return TokenizerHandler(tokenizer, lambda make: out.pool.submit(lambda: out.outbox.put(make())), busy)
 
 
 def _tokenizer_only(config: WorkerConfig, inbox, outbox) -> None:
@@ -277,6 +277,8 @@ def run_loop(engine, inbox, out: _Output, on_message=None) -> None:
                            kv_usage=engine.scheduler.kv_usage()))
 
     def on_tick() -> None:
+        if on_message is not None:
+            on_message.tick()  # tokenizer messages: one per engine step while busy
         now = time.monotonic()
         if now - last_beat[0] >= (HEARTBEAT_BUSY_S if engine.has_work() else HEARTBEAT_IDLE_S):
             last_beat[0] = now
