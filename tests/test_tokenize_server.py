@@ -115,7 +115,8 @@ def test_detokenize_bad_input_names_the_field(ae_srv):
         ({**ok, "tokens": _b64(tokens[:-1])}, "tokens"),
         ({**ok, "tokens": "%%%"}, "tokens"),
         ({**ok, "width": 90}, "size"),
-        ({**ok, "patch_size": 5}, "size"),
+        ({**ok, "patch_size": 5}, "patch_size"),
+        ({**ok, "patch_size": 8}, "size"),  # a 6x4 token grid is no whole number of 8x8 patches
     ]
     with ae_srv.client() as c:
         assert c.post("/v1/detokenize", json=ok).status_code == 200
