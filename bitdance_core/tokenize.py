@@ -1,4 +1,4 @@
-"""The binary tokenizer's torch-free half: image intake, the size policy, token packing and its checks.
+"""The binary tokenizer's torch-free half (numpy only inside functions): image intake, size policy, packing.
 
 Shared by the HTTP front end (which never imports torch: it checks a request before a worker sees it) and
 the worker / CLI (``image_tokenizer.py`` runs the autoencoder). Conventions, as ``return_tokens``:
@@ -24,8 +24,6 @@ import math
 import os
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
 
 RESIZE_MODES = ("refuse", "fit", "crop")
 PATCH_SIZES = (1, 2, 4, 8)  # token orders: the official 1x, 4x, 16x and 64x models' patch sides
@@ -145,13 +143,17 @@ def packed_size(n: int, c: int) -> int:
     return (n * c + 7) // 8
 
 
-def pack_bits(tokens: np.ndarray) -> bytes:
+def pack_bits(tokens) -> bytes:
     """(N, C) +-1 (or 0/1) tokens -> packed bits (1 = +1), row-major, most significant bit first."""
+    import numpy as np
+
     return np.packbits(np.asarray(tokens) > 0).tobytes()
 
 
-def unpack_bits(data: bytes, n: int, c: int) -> np.ndarray:
+def unpack_bits(data: bytes, n: int, c: int):
     """Packed bits -> (N, C) int8 of +-1 (the inverse of :func:`pack_bits`)."""
+    import numpy as np
+
     bits = np.unpackbits(np.frombuffer(data, np.uint8))[: n * c]
     return bits.reshape(n, c).astype(np.int8) * 2 - 1
 
@@ -200,9 +202,10 @@ def plan_resize(spec: TokenizerSpec, width: int, height: int, resize: str, patch
     return spec.target_size(height, width, patch_size)
 
 
-def load_rgb(data: bytes, height: int, width: int, resize: str) -> np.ndarray:
+def load_rgb(data: bytes, height: int, width: int, resize: str):
     """Decode an image (already probed) to RGB uint8 ``(height, width, 3)``: transparency over white, then
     stretched (``fit``) or scaled to cover and centre-cropped (``crop``) when its size differs."""
+    import numpy as np
     from PIL import Image
 
     try:
@@ -227,7 +230,7 @@ def load_rgb(data: bytes, height: int, width: int, resize: str) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def encode_png(array: np.ndarray) -> bytes:
+def encode_png(array) -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()

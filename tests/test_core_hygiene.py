@@ -19,6 +19,7 @@ TORCH_FREE = [
     "bitdance_core.engine.scheduler",
     "bitdance_core.resolutions",
     "bitdance_core.config",
+    "bitdance_core.tokenize",  # the tokenizer routes' checks, in the API process
 ]
 
 

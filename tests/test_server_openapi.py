@@ -25,6 +25,7 @@ from server_harness import REPO, LiveServer
 
 pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).with_name("schemathesis.toml")
+TOKENIZER_CONFIG = Path(__file__).with_name("schemathesis-tokenizer.toml")
 MAX_EXAMPLES = int(os.environ.get("BITDANCE_SCHEMATHESIS_EXAMPLES", "40"))
 
 
@@ -83,7 +84,8 @@ def test_schemathesis_finds_no_failure(srv: LiveServer, tmp_path: Path) -> None:
 
 def test_schemathesis_tokenizer_routes(tmp_path: Path) -> None:
     """POST /v1/tokenize and /v1/detokenize on a real tokenizer-only server (the tiny autoencoder), the same
-    checks; schemathesis.toml lets a schema-valid body that is no image (or tokens of another shape) be a 422."""
+    checks; schemathesis-tokenizer.toml lets a schema-valid body that is no image (or tokens of another shape)
+    be a 422."""
     from server_harness import TINY_MODEL
 
     srv = LiveServer("--devices", "cpu", "--threads", "1", "--max-body-bytes", "100000",
@@ -91,9 +93,10 @@ def test_schemathesis_tokenizer_routes(tmp_path: Path) -> None:
     try:
         srv.wait_ready(120)
         cmd = [
-            sys.executable, "-m", "schemathesis.cli", "--config-file", str(CONFIG), "run", srv.url + "/openapi.json",
-            "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "1", "--request-timeout", "30",
-            "--no-color", "--include-path-regex", "^/v1/(de)?tokenize$", "--phases", "examples,coverage,fuzzing",
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(TOKENIZER_CONFIG), "run",
+            srv.url + "/openapi.json", "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", "1",
+            "--request-timeout", "30", "--no-color", "--include-path-regex", "^/v1/(de)?tokenize$",
+            "--phases", "examples,coverage,fuzzing",
         ]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
