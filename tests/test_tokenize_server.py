@@ -149,3 +149,36 @@ def test_generate_return_tokens_decode_to_the_same_image():
             assert t.status_code == 200 and t.json()["token_shape"] == body["token_shape"], t.text
     finally:
         srv.kill()
+
+
+def test_class_conditional_server_tokenizer_routes():
+    """An ImageNet model with --tokenizer-routes: its encoder (from the --vae file) is loaded before the
+    engine; /generate's return_tokens decode to the same image, and the golden image tokenizes as the official
+    qae.py does (in the model's 2x2 patch order)."""
+    from safetensors.numpy import load_file
+
+    fixture = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"
+    srv = LiveServer("--model", str(fixture / "BitDance_tiny_a_4x.pt"), "--model-args",
+                     str(fixture / "model_args_4x.json"), "--devices", "cpu", "--threads", "1",
+                     "--tokenizer-routes", fake=False)
+    try:
+        srv.wait_ready(180)
+        with srv.client(timeout=300) as c:
+            gen = c.post("/generate", json={"class_label": 3, "seed": 1, "steps": 4, "return_tokens": True})
+            assert gen.status_code == 200, gen.text
+            body = gen.json()
+            assert body["token_shape"] == [256, 32]
+            req = {"tokens": body["images"][0]["tokens"], "token_shape": body["token_shape"],
+                   "width": body["width"], "height": body["height"]}
+            d = c.post("/v1/detokenize", json=req, headers={"Accept": "image/png"})
+            assert d.status_code == 200, d.text
+            assert np.array_equal(_pixels(d.content), _pixels(base64.b64decode(body["images"][0]["b64_json"])))
+            t = c.post("/v1/tokenize", json={"image": _b64((GOLDEN / "imagenet.png").read_bytes())})
+            assert t.status_code == 200, t.text
+            assert t.json()["patch_size"] == 2
+            latent = load_file(GOLDEN / "golden.safetensors")["imagenet.latent"][0]  # (C, 16, 16)
+            grid = latent.transpose(1, 2, 0).reshape(8, 2, 8, 2, 32).transpose(0, 2, 1, 3, 4).reshape(256, 32)
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(t.json()["tokens"]), np.uint8))
+            assert np.array_equal(bits.reshape(256, 32).astype(np.int8) * 2 - 1, grid)
+    finally:
+        srv.kill()
