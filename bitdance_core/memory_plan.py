@@ -107,8 +107,9 @@ class MemoryPlan:
     def table(self) -> str:
         h, w = self.size
         parts = ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in self.weights_by_module)
+        without_encoder = "" if "ae_encoder" in dict(self.weights_by_module) else " / AE encoder"
         rows = [
-            ("weights", gib(self.weights_bytes), f"as built, no lm_head / AE encoder ({parts})"),
+            ("weights", gib(self.weights_bytes), f"as built, no lm_head{without_encoder} ({parts})"),
             ("KV per token and row", f"{self.kv_bytes_per_token_row / 1024:g} KiB", "2 x layers x kv_heads x "
              "head_dim x itemsize"),
             ("KV cache", gib(self.kv_bytes), f"{self.kv_rows} rows x {self.kv_tokens_per_row} tokens"),

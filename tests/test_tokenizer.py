@@ -178,6 +178,7 @@ def test_encoder_size_of_the_released_autoencoder_and_the_plan_counts_it():
     by_module = dict(with_enc.weights_by_module)
     assert by_module["ae_encoder"] == tok.encoder_bytes
     assert with_enc.weights_bytes - base.weights_bytes == tok.encoder_bytes
+    assert "no lm_head / AE encoder" in base.table() and "ae_encoder 0.00 GB" in with_enc.table()
     from bitdance_core.config import ModelConfig
 
     assert encoder_bytes(ModelConfig.from_dir(T2I), torch.bfloat16) * 2 == tok.encoder_bytes
