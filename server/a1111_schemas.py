@@ -24,15 +24,30 @@ the model's name) are written into the OpenAPI schema from the worker's info (``
 from __future__ import annotations
 
 import copy
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from server.schemas import MAX_SEED, NOT_BLANK, Int
 
 SAMPLER = "Euler-Maruyama"  # the diffusion head's sampler (spec: Euler-Maruyama over the flow ODE's SDE)
-OFF = Literal[False]
 EMPTY = Literal[""]
+
+
+def _only(value: Any, kind: str):
+    """A field that takes one value (a strict type: ``0`` is not ``false``, ``true`` is not ``1``)."""
+
+    def check(v: Any) -> Any:
+        if v != value:
+            raise ValueError(f"not supported on this server: only {json.dumps(value)}")
+        return v
+
+    return Annotated[type(value), AfterValidator(check), WithJsonSchema({"type": kind, "const": value})]
+
+
+OFF = _only(False, "boolean")
+SeedInt = Annotated[Int, Field(ge=-1, le=MAX_SEED)]
 
 
 def _fixed(value: float, what: str):
@@ -46,8 +61,8 @@ class A1111Options(BaseModel):
 
     sd_model_checkpoint: str | None = Field(None, description="The served model's title (one model per server).")
     samples_format: Literal["png"] | None = Field(None, description="Images are PNG (with A1111 infotext).")
-    CLIP_stop_at_last_layers: Literal[1] | None = Field(None, description="No CLIP here: 1 only.")
-    live_previews_enable: Literal[True] | None = Field(None, description="Previews feed GET /sdapi/v1/progress.")
+    CLIP_stop_at_last_layers: _only(1, "integer") | None = Field(None, description="No CLIP here: 1 only.")
+    live_previews_enable: _only(True, "boolean") | None = Field(None, description="Previews feed /progress.")
 
 
 class Txt2ImgBody(BaseModel):
@@ -58,8 +73,8 @@ class Txt2ImgBody(BaseModel):
     prompt: str = Field(min_length=1, description="What to draw.", json_schema_extra={"pattern": NOT_BLANK})
     negative_prompt: str = Field("", description="Replaces the unconditional (CFG) prompt when not empty.")
     styles: list[str] = Field(default_factory=list, max_length=0, description="No saved styles here: [] only.")
-    seed: Annotated[int, Field(ge=-1, le=MAX_SEED)] = Field(-1, description="-1 = random; the seed used is in info.")
-    subseed: Annotated[int, Field(ge=-1, le=MAX_SEED)] = Field(-1, description="Unused (subseed_strength is 0).")
+    seed: SeedInt = Field(-1, description="-1 = random; the seed used is in info.")
+    subseed: SeedInt = Field(-1, description="Unused (subseed_strength is 0).")
     subseed_strength: float | None = _fixed(0, "Variation seeds are not supported")
     seed_resize_from_h: Int = Field(-1, ge=-1, le=0, description="Off only (-1 or 0).")
     seed_resize_from_w: Int = Field(-1, ge=-1, le=0, description="Off only (-1 or 0).")
