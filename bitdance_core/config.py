@@ -135,7 +135,7 @@ class ModelConfig:
         p = Path(path)
         if not p.is_dir():
             raise CheckpointError(f"checkpoint directory {p} does not exist")
-        if (p / "model_index.json").is_file():  # the diffusers layout (diffusers_layout.py)
+        if (p / "model_index.json").is_file() or (p / "transformer").is_dir():  # diffusers (diffusers_layout.py)
             from .diffusers_layout import t2i_config
 
             return t2i_config(p)

@@ -142,6 +142,9 @@ def _check_sizes(sizes: Any) -> None:
 def t2i_config(d: str | Path) -> ModelConfig:
     """The ``ModelConfig`` of a text-to-image diffusers directory, checked key by key."""
     d = Path(d)
+    if checkpoint_layout(d) == CLASS_DIFFUSERS:
+        raise CheckpointError(f"{d} holds a class-conditional model (a BitDance-ImageNet-diffusers folder), not a "
+                              "text-to-image checkpoint: serve it with `bitdance serve --model`")
     index = check_model_index(d, T2I_PIPELINE, T2I_COMPONENTS, extra=("supported_image_sizes",))
     if "supported_image_sizes" in index:  # the pipeline's own list: the server's size policy governs instead
         _check_sizes(index["supported_image_sizes"])
@@ -246,5 +249,8 @@ def class_config(d: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None, 
         if not isinstance(ae["ddconfig"], dict):
             raise CheckpointError("autoencoder/config.json: ddconfig must be an object")
         check_keys(ae["ddconfig"], "autoencoder/config.json ddconfig", AE_DDCONFIG_KEYS)
+        nc = ae.get("num_codebooks", 1)
+        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:  # the quantiser's groups: encoder only
+            raise CheckpointError(f"autoencoder/config.json: num_codebooks must be a positive integer, found {nc!r}")
         ddconfig = ae["ddconfig"]
     return args, ddconfig, key

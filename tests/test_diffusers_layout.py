@@ -136,6 +136,10 @@ T2I_ERRORS = [
     ("another text encoder", lambda d: _edit(d / "model_index.json",
                                              lambda c: c.update(text_encoder=["transformers", "LlamaForCausalLM"])),
      "component text_encoder is a LlamaForCausalLM, expected Qwen3ForCausalLM"),
+    ("component not a pair", lambda d: _edit(d / "model_index.json", lambda c: c.update(autoencoder="x")),
+     r"component autoencoder must be \[library, class\]"),
+    ("ddconfig not an object", lambda d: _edit(d / "autoencoder" / "config.json", lambda c: c.update(ddconfig=[])),
+     "autoencoder/config.json: ddconfig must be an object"),
     ("bad sizes", lambda d: _edit(d / "model_index.json", lambda c: c.update(supported_image_sizes=[[512]])),
      "supported_image_sizes must be a list of"),
     ("missing folder", lambda d: shutil.rmtree(d / "diffusion_head"), "missing component folder diffusion_head/"),
@@ -236,6 +240,19 @@ CLASS_ERRORS = [
     ("official architecture plus sizes", _tcfg(lambda c: c.update(architecture="BitDance-B")),
      "are set by the architecture BitDance-B"),
     ("wrong parallel_num", _tcfg(lambda c: c.update(parallel_num=16)), "query_token"),
+    ("no transformer component", lambda d: _edit(d / "model_index.json", _pop("transformer")),
+     r"model_index.json: missing keys \['transformer'\]"),
+    ("bad resolution", _tcfg(lambda c: c.update(resolution=0)), "resolution must be a positive integer"),
+    ("bad p_std", _tcfg(lambda c: c.update(p_std="1")), "p_std must be a number"),
+    ("bad source_checkpoint", _tcfg(lambda c: c.update(source_checkpoint=3)), "source_checkpoint must be a string"),
+    ("no ae ddconfig", lambda d: _edit(d / "autoencoder" / "config.json", _pop("ddconfig")),
+     r"autoencoder/config.json: missing keys \['ddconfig'\]"),
+    ("unexpected ddconfig key", lambda d: _edit(d / "autoencoder" / "config.json",
+                                                lambda c: c["ddconfig"].update(dropout=0.0)),
+     r"autoencoder/config.json ddconfig: unexpected keys \['dropout'\]"),
+    ("bad num_codebooks", lambda d: _edit(d / "autoencoder" / "config.json", lambda c: c.update(num_codebooks=0)),
+     "num_codebooks must be a positive integer"),
+    ("no autoencoder at all", lambda d: shutil.rmtree(d / "autoencoder"), "no autoencoder: .* no autoencoder/ folder"),
     ("unexpected ae key", lambda d: _edit(d / "autoencoder" / "config.json", lambda c: c.update(scale=1)),
      r"autoencoder/config.json: unexpected keys \['scale'\]"),
     ("ddconfig mismatch", lambda d: _edit(d / "autoencoder" / "config.json", lambda c: c["ddconfig"].update(ch=64)),
@@ -261,6 +278,24 @@ def test_class_strictness_errors_name_the_culprit(class_twins, tmp_path, name, e
         load_class_model(d, "cpu")
 
 
+def test_class_folder_is_not_a_text_to_image_checkpoint(class_twins):
+    with pytest.raises(CheckpointError, match="holds a class-conditional model"):
+        load_model(class_twins[1])
+
+
 def test_class_diffusers_refuses_vae_flag(class_twins):
     with pytest.raises(CheckpointError, match="brings its own autoencoder"):
         load_class_model(class_twins[1], "cpu", vae=class_twins[0].parent / "ae_d16c32.pt")
+
+
+def test_class_autoencoder_from_vae_tensors_of_the_transformer(class_twins, tmp_path):
+    """Without autoencoder/, the transformer file's vae.* tensors are the autoencoder (as a .pt's are)."""
+    off, dif = class_twins
+    d = _copy(dif, tmp_path)
+    vae = load_file(d / "autoencoder" / W)
+    _edit_weights(d / "transformer" / W, lambda s: s.update({f"vae.{k}": v for k, v in vae.items()}))
+    shutil.rmtree(d / "autoencoder")
+    a, b = load_class_model(off, "cpu"), load_class_model(d, "cpu")
+    assert b.vae_path is None
+    sa, sb = a.ae.state_dict(), b.ae.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
