@@ -67,9 +67,11 @@ def checkpoint_layout(path: str | Path) -> str:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path`` (an error naming the file when it is missing, invalid or not an object)."""
-    where = f"{path.parent.name}/{path.name}"
+    top = path.name == MODEL_INDEX  # the only top-level file; the others are in a component folder
+    where = path.name if top else f"{path.parent.name}/{path.name}"
     if not path.is_file():
-        raise CheckpointError(f"missing file {where} in diffusers directory {path.parent.parent}")
+        folder = path.parent if top else path.parent.parent
+        raise CheckpointError(f"missing file {where} in diffusers directory {folder}")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -227,7 +227,8 @@ def _tcfg(fn):
 
 
 CLASS_ERRORS = [
-    ("missing model_index", lambda d: (d / "model_index.json").unlink(), "missing file .*model_index.json"),
+    ("missing model_index", lambda d: (d / "model_index.json").unlink(),
+     r"missing file model_index.json in diffusers directory .*/dif$"),
     ("another pipeline", lambda d: _edit(d / "model_index.json", lambda c: c.update(_class_name=["a", "DiTPipeline"])),
      "is not 'BitDanceImageNetPipeline'"),
     ("unexpected key", _tcfg(lambda c: c.update(hidden_size=3)), r"transformer/config.json: unexpected keys"),
