@@ -124,7 +124,22 @@ class SafetensorsState(Mapping):
         from safetensors import safe_open
 
         with safe_open(str(self.files[k]), "pt", device="cpu") as f:
-            return tuple(f.get_slice(k).get_shape())
+            return self.shape_in(f, k)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Shape-only stand-ins (``meta`` tensors) from the files' headers: what config resolution reads."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted(set(self.files.values())):
+            with safe_open(str(path), "pt", device="cpu") as f:
+                for k in self.files:
+                    if self.files[k] == path:
+                        out[k] = torch.empty(self.shape_in(f, k), device="meta")
+        return out
+
+    def shape_in(self, f, k: str) -> tuple[int, ...]:
+        return tuple(f.get_slice(k).get_shape())
 
     def only(self, keep: Callable[[str], bool]) -> SafetensorsState:
         return SafetensorsState({k: p for k, p in self.files.items() if keep(k)})
@@ -132,6 +147,11 @@ class SafetensorsState(Mapping):
 
 def _shape(state: Mapping[str, torch.Tensor], k: str) -> tuple[int, ...]:
     return state.shape(k) if isinstance(state, SafetensorsState) else tuple(state[k].shape)
+
+
+def _shapes_of(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """What config resolution reads (shapes only): safetensors headers, not tensors."""
+    return state.meta() if isinstance(state, SafetensorsState) else state
 
 
 def _only(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Mapping[str, torch.Tensor]:
@@ -166,11 +186,8 @@ class _VaePrefixed(SafetensorsState):
         with safe_open(str(self.files[k]), "pt", device="cpu") as f:
             return f.get_tensor("vae." + k)
 
-    def shape(self, k: str) -> tuple[int, ...]:
-        from safetensors import safe_open
-
-        with safe_open(str(self.files[k]), "pt", device="cpu") as f:
-            return tuple(f.get_slice("vae." + k).get_shape())
+    def shape_in(self, f, k: str) -> tuple[int, ...]:
+        return tuple(f.get_slice("vae." + k).get_shape())
 
 
 def _check_ddconfig(ddconfig: dict[str, Any] | None, resolved: dict[str, Any], where: str) -> None:
@@ -247,7 +264,8 @@ def load_class_model(path: str | Path, device: str | None = None, dtype: str | N
                 raise CheckpointError(f"no autoencoder: {path.name} holds no vae.* tensors and there is no "
                                       f"{RELEASED_VAE} beside it; give --vae FILE")
         what = f"{path.name} [{which}]"
-    config = resolve_config(path, state, args, vae_state, vae_where, Path(model_args) if model_args else None)
+    config = resolve_config(path, _shapes_of(state), args, _shapes_of(vae_state), vae_where,
+                            Path(model_args) if model_args else None)
     _check_ddconfig(ddconfig, config.vae_ddconfig, vae_where)
     placement = resolve(device, dtype)
     transformer, head, ae = build_modules(config)
