@@ -105,6 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
                                                  "others float32, as released)")
     m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
+    m.add_argument("--layout", default="official", choices=("official", "diffusers"),
+                   help="official (default) or diffusers (model_index.json + one folder per component, as the "
+                        "converted BiliSakura/*-diffusers repositories; the same tensors as official)")
 
     qz = sub.add_parser("quantize", help="write a pre-quantised checkpoint directory (safetensors only)")
     qz.add_argument("--model", required=True, help="checkpoint directory in the official layout")
@@ -213,6 +216,13 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoints import PRESETS, write_checkpoint
     from .imagenet.checkpoints import CLASS_PRESETS, write_class_checkpoint
 
+    if getattr(args, "layout", "official") == "diffusers" and (args.preset in CLASS_PRESETS or args.preset in PRESETS):
+        from .diffusers_checkpoints import write_diffusers_checkpoint
+
+        out = write_diffusers_checkpoint(args.preset, args.output, seed=args.seed, dtype=args.dtype,
+                                         max_shard_bytes=int(args.max_shard_gb * 2**30))
+        print(f"wrote {args.preset} checkpoint (seed {args.seed}, diffusers layout) to {out}")
+        return 0
     if args.preset in CLASS_PRESETS:
         path = write_class_checkpoint(args.preset, args.output, seed=args.seed)
         print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {path} (+ {path.parent / 'ae_d16c32.pt'})")

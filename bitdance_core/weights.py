@@ -50,21 +50,57 @@ def _fmt(keys, limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + more
 
 
-def _llm_files(model_dir: Path) -> dict[str, Path]:
-    """Map each LLM tensor name to the file holding it (single file or sharded with an index)."""
-    index = model_dir / "model.safetensors.index.json"
+def _llm_files(model_dir: Path, stem: str = "model") -> dict[str, Path]:
+    """Map each tensor name to the file holding it: ``<stem>.safetensors``, or sharded with
+    ``<stem>.safetensors.index.json`` (the LLM's ``model``, a diffusers component's ``diffusion_pytorch_model``)."""
+    index = model_dir / f"{stem}.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         files = {k: model_dir / v for k, v in weight_map.items()}
         missing = sorted({p.name for p in files.values() if not p.is_file()})
         if missing:
-            raise CheckpointError(f"{index.name} names shard files that are missing: {missing}")
+            raise CheckpointError(f"{model_dir.name}/{index.name} names shard files that are missing: {missing}")
         return files
-    single = model_dir / "model.safetensors"
+    single = model_dir / f"{stem}.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"{model_dir}: neither model.safetensors nor model.safetensors.index.json exists")
+        raise CheckpointError(f"{model_dir}: neither {single.name} nor {index.name} exists")
     with safe_open(str(single), "pt") as f:
         return {k: single for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each part of a text-to-image checkpoint lives (official or diffusers layout)."""
+
+    layout: str
+    llm_dir: Path  # the LLM's config.json and model*.safetensors (pre-quantised marker included)
+    tokenizer_dir: Path
+    head: dict[str, Path]
+    projector: dict[str, Path]
+    ae: dict[str, Path]
+
+
+def sources(model_dir: str | Path) -> Sources:
+    """The files of a text-to-image checkpoint directory, by ``diffusers_layout.checkpoint_layout``."""
+    from . import diffusers_layout as dl
+
+    d = Path(model_dir)
+    layout = dl.checkpoint_layout(d)
+    if layout == dl.DIFFUSERS:
+        parts = {c: _llm_files(d / c, "diffusion_pytorch_model")
+                 for c in ("diffusion_head", "projector", "autoencoder")}
+        return Sources(layout, d / "text_encoder", d / "tokenizer", parts["diffusion_head"], parts["projector"],
+                       parts["autoencoder"])
+    if layout != dl.OFFICIAL:
+        raise CheckpointError(f"{d} holds a class-conditional model ({layout}), not a text-to-image checkpoint")
+    return Sources(layout, d, d, _file_keys(d / "vision_head.safetensors"), _file_keys(d / "projector.safetensors"),
+                   _file_keys(d / "ae.safetensors"))
+
+
+def _label(path: Path) -> str:
+    """A weights file as errors name it (with its component folder in the diffusers layout)."""
+    diffusers = path.name.startswith("diffusion_pytorch_model") or path.parent.name == "text_encoder"
+    return f"{path.parent.name}/{path.name}" if diffusers else path.name
 
 
 def _file_keys(path: Path) -> dict[str, Path]:
@@ -104,7 +140,7 @@ def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement,
             for k in keys:
                 shape, want = tuple(f.get_slice(k).get_shape()), tuple(expected[k].shape)
                 if shape != want:
-                    raise CheckpointError(f"{path.name}: key {k} has shape {shape}, expected {want}")
+                    raise CheckpointError(f"{_label(path)}: key {k} has shape {shape}, expected {want}")
     state: dict[str, torch.Tensor] = {}
     for path, keys in by_file.items():
         for k in keys:
@@ -130,8 +166,11 @@ def build_modules(config: ModelConfig, *, with_encoder: bool = False, device: st
 
 
 def load_tokenizer(model_dir: str | Path):
+    """The fast tokenizer of a checkpoint directory (a diffusers directory's ``tokenizer/`` folder)."""
     from transformers import AutoTokenizer
 
+    if (Path(model_dir) / "model_index.json").is_file():
+        model_dir = Path(model_dir) / "tokenizer"
     if not (Path(model_dir) / "tokenizer.json").is_file():
         raise CheckpointError(f"missing file tokenizer.json in checkpoint directory {model_dir} "
                               "(a fast tokenizer is required)")
@@ -146,7 +185,7 @@ def load_tokenizer(model_dir: str | Path):
 
 def load_model(model_dir: str | Path, device: str | None = None, dtype: str | None = None, *,
                with_encoder: bool = False, quantize: str | None = None) -> LoadedModel:
-    """Load a checkpoint directory in the official layout onto one device, strictly.
+    """Load a text-to-image checkpoint directory (official or diffusers layout) onto one device, strictly.
 
     ``quantize`` (none | int8 | fp8, default none) quantises the prior's linear weights while loading; a
     pre-quantised directory loads as stored (``quantize`` must then be none or its own mode).
@@ -156,27 +195,30 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
 
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
+    src = sources(model_dir)
     placement = resolve(device, dtype)
     mode = q.check_mode(quantize)
-    llm_files = _llm_files(model_dir)
-    stored = qc.check_llm_files(model_dir, llm_files)
+    llm_files = _llm_files(src.llm_dir)
+    stored = qc.check_llm_files(src.llm_dir, llm_files)
     if stored != "none" and mode not in ("none", stored):
         raise CheckpointError(f"{model_dir} is pre-quantised ({stored}); it cannot be loaded with quantize={mode}")
     mode = stored if stored != "none" else mode
     q.check_supported(mode, placement)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(src.tokenizer_dir)
     llm, head, projector, ae = build_modules(config, with_encoder=with_encoder)
     embedding = qc.stored_embedding(model_dir) if stored != "none" else True
     q.prepare_prior_(llm, mode, embedding=embedding)
     if stored != "none":
-        qc.load_prequantized(llm, llm_files, placement, stored, embedding)
+        qc.load_prequantized(llm, llm_files, placement, stored, embedding)  # official layout only (quantize)
     else:
         load_into(llm, llm_files, placement, prefix="model.", ignore_prefixes=("lm_head.",),
-                  what="LLM weights (model*.safetensors)", convert=q.converter(mode, placement))
-    load_into(head, _file_keys(model_dir / "vision_head.safetensors"), placement, what="vision_head.safetensors")
-    load_into(projector, _file_keys(model_dir / "projector.safetensors"), placement, what="projector.safetensors")
-    load_into(ae, _file_keys(model_dir / "ae.safetensors"), placement,
-              ignore_prefixes=() if with_encoder else ("encoder.",), what="ae.safetensors")
+                  what=f"LLM weights ({'' if src.layout == 'official' else 'text_encoder/'}model*.safetensors)",
+                  convert=q.converter(mode, placement))
+    names = ("vision_head.safetensors", "projector.safetensors", "ae.safetensors") if src.layout == "official" else \
+        ("diffusion_head/", "projector/", "autoencoder/")
+    load_into(head, src.head, placement, what=names[0])
+    load_into(projector, src.projector, placement, what=names[1])
+    load_into(ae, src.ae, placement, ignore_prefixes=() if with_encoder else ("encoder.",), what=names[2])
     for m in (llm, head, projector, ae):
         m.eval().requires_grad_(False)
     n_params = sum(p.numel() for m in (llm, head, projector, ae) for p in m.parameters())

@@ -64,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         app.include_router(tokenize.router)
     install_openapi(app, lambda: pool.info, settings.model_aliases)
+    if settings.a1111_api:  # AUTOMATIC1111-compatible routes (issue 18), after install_openapi: they patch it
+        from server.routes import a1111
+
+        a1111.install(app)
     if web.STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=web.STATIC_DIR), name="static")
 

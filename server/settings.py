@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     stream_heartbeat_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log).")
+    a1111_api: bool = Field(
+        False, description="Serve the AUTOMATIC1111-compatible routes (/sdapi/v1/txt2img, progress, interrupt, "
+        "sd-models, options) for text-to-image models."
+    )
 
     # --- binary tokenizer (POST /v1/tokenize, /v1/detokenize) ------------------------------------
     tokenizer_routes: bool = Field(

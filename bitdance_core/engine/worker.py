@@ -164,7 +164,9 @@ def build_engine(config: WorkerConfig):
         except RuntimeError:  # already set (in-process benchmarks): keep what runs
             logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
     attention.set_backend(config.attention_backend)
-    if Path(config.model_dir).is_file():  # a class-conditional BitDance_*.pt
+    from ..diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
+
+    if checkpoint_layout(Path(config.model_dir)) in (CLASS_PT, CLASS_DIFFUSERS):  # BitDance_*.pt or a diffusers one
         from ..imagenet.family import serving_for
         from ..imagenet.loader import load_class_model
 

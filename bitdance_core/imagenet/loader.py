@@ -9,6 +9,10 @@
   checkpoint are allowed and unused when a separate autoencoder file is loaded (the official code overrides them).
 * Memory: the file is memory-mapped; float32 tensors on CPU are adopted as they are (no copy), so the peak
   resident size is about the weights kept, not the file (``model`` + ``ema`` + the encoder are never read).
+* A ``BitDance-ImageNet-diffusers`` model folder (``diffusers_layout.checkpoint_layout``: ``model_index.json``,
+  ``transformer/``, ``autoencoder/``) loads with the same strictness: its configs are checked key by key
+  (``diffusers_layout.class_config``), its safetensors tensors (the official keys) are read one at a time on use,
+  and the autoencoder config's ``ddconfig`` must match the weights.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import diffusers_layout as dl
 from ..config import CheckpointError
 from ..device import Placement, resolve
 from ..models.autoencoder import BinaryAutoencoder
@@ -96,12 +102,107 @@ def _state_dict(obj: Any, path: Path, keys: tuple[str, ...]) -> tuple[dict[str, 
     raise CheckpointError(f"{path.name}: expected a dict with {' or '.join(repr(k) for k in keys)}, found {found}")
 
 
+class SafetensorsState(Mapping):
+    """Tensors of safetensors files (key → file), each read from its memory-mapped file when accessed."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[k]), "pt", device="cpu") as f:
+            return f.get_tensor(k)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def shape(self, k: str) -> tuple[int, ...]:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[k]), "pt", device="cpu") as f:
+            return self.shape_in(f, k)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Shape-only stand-ins (``meta`` tensors) from the files' headers: what config resolution reads."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted(set(self.files.values())):
+            with safe_open(str(path), "pt", device="cpu") as f:
+                for k in self.files:
+                    if self.files[k] == path:
+                        out[k] = torch.empty(self.shape_in(f, k), device="meta")
+        return out
+
+    def shape_in(self, f, k: str) -> tuple[int, ...]:
+        return tuple(f.get_slice(k).get_shape())
+
+    def only(self, keep: Callable[[str], bool]) -> SafetensorsState:
+        return SafetensorsState({k: p for k, p in self.files.items() if keep(k)})
+
+
+def _shape(state: Mapping[str, torch.Tensor], k: str) -> tuple[int, ...]:
+    return state.shape(k) if isinstance(state, SafetensorsState) else tuple(state[k].shape)
+
+
+def _shapes_of(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """What config resolution reads (shapes only): safetensors headers, not tensors."""
+    return state.meta() if isinstance(state, SafetensorsState) else state
+
+
+def _only(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Mapping[str, torch.Tensor]:
+    return state.only(keep) if isinstance(state, SafetensorsState) else {k: v for k, v in state.items() if keep(k)}
+
+
+def _diffusers_parts(folder: Path):
+    """(state, which, args, autoencoder state or None, its label, its config's ddconfig) of a diffusers folder."""
+    from ..weights import _llm_files
+
+    args, ddconfig, which = dl.class_config(folder)
+    state = SafetensorsState(_llm_files(folder / "transformer", "diffusion_pytorch_model"))
+    if (folder / "autoencoder").is_dir():
+        vae = SafetensorsState(_llm_files(folder / "autoencoder", "diffusion_pytorch_model"))
+        return state, which, args, vae, f"{folder.name}/autoencoder", ddconfig
+    vae_keys = {k[4:]: p for k, p in state.files.items() if k.startswith("vae.")}
+    if not vae_keys:
+        raise CheckpointError(f"no autoencoder: {folder.name} has no autoencoder/ folder and its transformer weights "
+                              "hold no vae.* tensors")
+    return state, which, args, _VaePrefixed(state.files), f"{folder.name}/transformer (vae.*)", ddconfig
+
+
+class _VaePrefixed(SafetensorsState):
+    """The ``vae.*`` tensors of a transformer file, under their names without the prefix."""
+
+    def __init__(self, files: dict[str, Path]):
+        super().__init__({k[4:]: p for k, p in files.items() if k.startswith("vae.")})
+
+    def __getitem__(self, k: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[k]), "pt", device="cpu") as f:
+            return f.get_tensor("vae." + k)
+
+    def shape_in(self, f, k: str) -> tuple[int, ...]:
+        return tuple(f.get_slice("vae." + k).get_shape())
+
+
+def _check_ddconfig(ddconfig: dict[str, Any] | None, resolved: dict[str, Any], where: str) -> None:
+    for k, v in (ddconfig or {}).items():
+        if k in resolved and resolved[k] != v:
+            raise CheckpointError(f"{where}/config.json: ddconfig {k}={v!r} does not match the weights "
+                                  f"({resolved[k]!r})")
+
+
 def _fmt(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:limit]) + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def adopt(module: nn.Module, state: dict[str, torch.Tensor], placement: Placement, what: str, *,
+def adopt(module: nn.Module, state: Mapping[str, torch.Tensor], placement: Placement, what: str, *,
           prefix: str = "", allowed_extra: tuple[str, ...] = ()) -> None:
     """Fill a meta-built module from ``state`` (keys ``prefix + name``) strictly; ``allowed_extra`` key
     prefixes may be present and are skipped."""
@@ -115,8 +216,8 @@ def adopt(module: nn.Module, state: dict[str, torch.Tensor], placement: Placemen
                 ([f"unexpected tensors: {_fmt(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{what}: " + "; ".join(parts))
     for k, shape in expected.items():
-        if tuple(state[k].shape) != tuple(shape):
-            raise CheckpointError(f"{what}: tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}")
+        if _shape(state, k) != tuple(shape):
+            raise CheckpointError(f"{what}: tensor {k} has shape {_shape(state, k)}, expected {tuple(shape)}")
     out = {}
     for k in expected:
         t = state[k]
@@ -139,29 +240,40 @@ def build_modules(config: ClassModelConfig, device: str | torch.device = "meta")
 def load_class_model(path: str | Path, device: str | None = None, dtype: str | None = None, *,
                      vae: str | Path | None = None, model_args: str | Path | None = None) -> LoadedClassModel:
     path = Path(path)
-    ckpt = load_pickle(path)
-    state, which = _state_dict(ckpt, path, ("ema", "model"))
-    args = ckpt.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
-    vae_path = find_vae(path, vae)
-    if vae_path is not None:
-        vae_state, _ = _state_dict(load_pickle(vae_path), vae_path, ("state_dict",))
-        vae_where = vae_path.name
+    if dl.checkpoint_layout(path) == dl.CLASS_DIFFUSERS:
+        if vae is not None:
+            raise CheckpointError(f"--vae {vae}: the diffusers folder {path.name} brings its own autoencoder/")
+        state, which, args, vae_state, vae_where, ddconfig = _diffusers_parts(path)
+        vae_path: Path | None = path / "autoencoder" if (path / "autoencoder").is_dir() else None
+        what = f"{path.name}/transformer [{which}]"
     else:
-        vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
-        vae_where = f"{path.name} (vae.*)"
-        if not vae_state:
-            raise CheckpointError(f"no autoencoder: {path.name} holds no vae.* tensors and there is no "
-                                  f"{RELEASED_VAE} beside it; give --vae FILE")
-    config = resolve_config(path, state, args, vae_state, vae_where, Path(model_args) if model_args else None)
+        ckpt = load_pickle(path)
+        state, which = _state_dict(ckpt, path, ("ema", "model"))
+        args = ckpt.get("args")
+        args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else None
+        del ckpt
+        ddconfig = None
+        vae_path = find_vae(path, vae)
+        if vae_path is not None:
+            vae_state, _ = _state_dict(load_pickle(vae_path), vae_path, ("state_dict",))
+            vae_where = vae_path.name
+        else:
+            vae_state = {k[4:]: v for k, v in state.items() if k.startswith("vae.")}
+            vae_where = f"{path.name} (vae.*)"
+            if not vae_state:
+                raise CheckpointError(f"no autoencoder: {path.name} holds no vae.* tensors and there is no "
+                                      f"{RELEASED_VAE} beside it; give --vae FILE")
+        what = f"{path.name} [{which}]"
+    config = resolve_config(path, _shapes_of(state), args, _shapes_of(vae_state), vae_where,
+                            Path(model_args) if model_args else None)
+    _check_ddconfig(ddconfig, config.vae_ddconfig, vae_where)
     placement = resolve(device, dtype)
     transformer, head, ae = build_modules(config)
-    what = f"{path.name} [{which}]"
-    model_keys = {k: v for k, v in state.items() if not k.startswith(("head.", "vae."))}
+    model_keys = _only(state, lambda k: not k.startswith(("head.", "vae.")))
     adopt(transformer, model_keys, placement, what)
     adopt(head, state, placement, what, prefix="head.")
     adopt(ae, vae_state, placement, vae_where, allowed_extra=("encoder.",))
-    del ckpt, state, vae_state
+    del state, vae_state
     n = sum(p.numel() for m in (transformer, head) for p in m.parameters())
     logger.info("loaded %s (%s weights, %s, P=%d): %.1fM parameters + autoencoder from %s on %s (%s)", config.name,
                 which, config.kind, config.parallel_num, n / 1e6, vae_where, placement.device, placement.dtype)
