@@ -152,18 +152,22 @@ class SharedQueue:
             try:
                 with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                     await self.r.xgroup_create(rs.QUEUE, rs.GROUP, id="0", mkstream=True)
-                now = time.time()
-                async with self.r.pipeline(transaction=False) as p:
-                    p.get(rs.WAITING)
-                    p.zrangebyscore(rs.DONE, (now - WINDOW_S) * 1000, "+inf", withscores=True)
-                    waiting, done = await p.execute()
-                self.waiting = max(0, int(waiting or 0))
-                self.rate = rate_of([score / 1000 for _, score in done], now)
+                await self.refresh()
                 self._up()
                 self._wake_pull.set()
             except (RedisError, OSError) as exc:
                 self._down(exc)
             await asyncio.sleep(1.0 if self.up else 0.5)
+
+    async def refresh(self) -> None:
+        """The shared queue's length and every replica's completions of the last minute, from Redis."""
+        now = time.time()
+        async with self.r.pipeline(transaction=False) as p:
+            p.get(rs.WAITING)
+            p.zrangebyscore(rs.DONE, (now - WINDOW_S) * 1000, "+inf", withscores=True)
+            waiting, done = await p.execute()
+        self.waiting = max(0, int(waiting or 0))
+        self.rate = rate_of([score / 1000 for _, score in done], now)
 
     def retry_after(self) -> int | None:
         return retry_after_s(self.waiting, self.rate)

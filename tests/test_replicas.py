@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,11 +24,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_harness import LiveServer, decode_b64, free_port, iter_sse, metric, wait_for
+from redis_harness import MISSING, RedisServer, available
+from server_harness import LiveServer, decode_b64, iter_sse, metric, wait_for
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server (apt-get install redis-server)"),
+    pytest.mark.skipif(not available(), reason=MISSING),
 ]
 
 LEASE_S = 2.0
@@ -40,49 +38,6 @@ LONG = {"prompt": "a long one", "width": 128, "height": 128, "steps": 8}  # 16 p
 ENDLESS = {"prompt": "an endless one", "width": 512, "height": 512, "steps": 100}
 SEEDS = range(24)  # the 200-request test cycles through these; the single node draws each once
 FLAGS = ("--devices", "cpu", "--threads", "1", "--max-queue", "256", "--restart-backoff-s", "0.2")
-
-
-class RedisServer:
-    """``redis-server`` on a free loopback port, its data (AOF) in a temporary directory."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.dir = tempfile.mkdtemp(prefix="bitdance-redis-")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        self._wait_up()
-
-    def _wait_up(self) -> bool:
-        import redis
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                return bool(redis.Redis(port=self.port, socket_connect_timeout=0.5).ping())
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not start")
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis(port=self.port, decode_responses=True)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: redis writes its data and exits
-            self.proc.wait(15)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _replica(redis_url: str) -> LiveServer:
