@@ -5,14 +5,14 @@ the shared ones, so a single instance, not Cluster)::
 
     bd:queue            stream, consumer group "replicas": one entry {id} per accepted job, acknowledged
                         and deleted when the job ends; its pending list holds the running jobs and
-                        their leases (idle time = time since the owner last renewed)
+                        their leases (idle time = time since the owner last renewed); jobs waiting =
+                        its length minus its pending entries
     bd:job:{id}         hash: request (JSON), kind, status (queued|running|succeeded|failed|cancelled),
                         created_at, finished_at, attempt, owner (replica), qid (queue entry), preview_id
     bd:ev:{id}          stream of the worker events of the job ({k: kind, d: JSON}), replayed then followed;
                         previews are state: a new one deletes the previous one, so it holds at most one
     bd:gone:{id}        why an id is gone (deleted | evicted | expired): 410 instead of 404
     bd:idem:{sha256}    Idempotency-Key -> job id, for job_ttl_s
-    bd:waiting          number of queued (not started) jobs: global admission, the waiting gauge
     bd:finished         zset id -> finish time (ms): the count / byte bounds, oldest out first
     bd:sizes            hash id -> bytes of a finished job;  bd:finished_bytes: their sum
     bd:done             zset id -> finish time (ms) of the last 512 completions: the measured drain rate
@@ -34,7 +34,6 @@ from typing import Any
 PREFIX = "bd:"
 QUEUE = PREFIX + "queue"
 GROUP = "replicas"
-WAITING = PREFIX + "waiting"
 FINISHED = PREFIX + "finished"
 SIZES = PREFIX + "sizes"
 FINISHED_BYTES = PREFIX + "finished_bytes"
@@ -82,14 +81,25 @@ def decode(text: str) -> Any:
     return json.loads(text, object_hook=_hook)
 
 
-# KEYS: queue, waiting, job, events, idem   ARGV: id, request, kind, created_at, max_queue, idem_ttl_s,
-# active_ttl_s, use_idem (0|1)  ->  {"ok", qid} | {"dup", id} | {"full", waiting}
-ENQUEUE = """
+# Jobs waiting = entries in the queue stream (deleted when a job ends or is cancelled) minus those
+# delivered to a replica (the group's pending list): exact, with no counter to drift.
+# KEYS: queue   ARGV: group  ->  waiting
+WAITING_LUA = """
+local ok, pending = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1])
+local delivered = ok and tonumber(pending[1]) or 0
+return math.max(0, redis.call('XLEN', KEYS[1]) - delivered)
+"""
+_WAITING_FN = "local function count_waiting(q, group)" + WAITING_LUA.replace("KEYS[1]", "q").replace("ARGV[1]", "group")
+_WAITING_FN += "end\n"
+
+# KEYS: queue, (unused), job, events, idem   ARGV: id, request, kind, created_at, max_queue, idem_ttl_s,
+# active_ttl_s, use_idem (0|1), group  ->  {"ok", qid} | {"dup", id} | {"full", waiting}
+ENQUEUE = _WAITING_FN + """
 if ARGV[8] == '1' then
   local prior = redis.call('GET', KEYS[5])
   if prior then return {'dup', prior} end
 end
-local waiting = tonumber(redis.call('GET', KEYS[2]) or '0')
+local waiting = count_waiting(KEYS[1], ARGV[9])
 if waiting >= tonumber(ARGV[5]) then return {'full', tostring(waiting)} end
 local qid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1])
 redis.call('HSET', KEYS[3], 'request', ARGV[2], 'kind', ARGV[3], 'status', 'queued', 'created_at', ARGV[4],
@@ -97,21 +107,16 @@ redis.call('HSET', KEYS[3], 'request', ARGV[2], 'kind', ARGV[3], 'status', 'queu
 redis.call('XADD', KEYS[4], '*', 'k', 'queued', 'd', '{"position":' .. waiting .. '}')
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('EXPIRE', KEYS[4], ARGV[7])
-redis.call('INCR', KEYS[2])
 if ARGV[8] == '1' then redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[6]) end
 return {'ok', qid}
 """
 
 # A replica takes a job it read from the group (fresh) or claimed after an expired lease.
-# KEYS: job, events, waiting   ARGV: owner, max_attempts, reason
+# KEYS: job, events   ARGV: owner, max_attempts, reason
 # -> {attempt, request} to run it | {-1, attempt, request}: attempts used up (the caller fails it) | {0}: skip
 TAKE = """
 local st = redis.call('HGET', KEYS[1], 'status')
-if st == 'queued' then
-  redis.call('DECR', KEYS[3])
-elseif st ~= 'running' then
-  return {0}
-end
+if st ~= 'queued' and st ~= 'running' then return {0} end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
 local pid = redis.call('HGET', KEYS[1], 'preview_id')
 if pid then
@@ -197,14 +202,13 @@ return 1
 
 # Cancel (and with ARGV[4] = '1' delete) from any replica: the terminal event is written here at once;
 # the owner, told over pub/sub (or by its next renewal), frees the rows.
-# KEYS: job, events, queue, waiting, gone, finished, sizes, finished_bytes
+# KEYS: job, events, queue, (unused), gone, finished, sizes, finished_bytes
 # ARGV: code, message, group, delete, ttl_s, now_ms, tombstone_ttl_s, id  ->  status before | '' unknown
 CANCEL = """
 local h = redis.call('HMGET', KEYS[1], 'status', 'qid')
 local st = h[1]
 if not st then return '' end
 if st == 'queued' or st == 'running' then
-  if st == 'queued' then redis.call('DECR', KEYS[4]) end
   redis.call('XADD', KEYS[2], '*', 'k', 'failed', 'd', cjson.encode({code = ARGV[1], message = ARGV[2]}))
   redis.call('HSET', KEYS[1], 'status', ARGV[1] == 'cancelled' and 'cancelled' or 'failed',
              'finished_at', tonumber(ARGV[6]) / 1000)

@@ -114,7 +114,7 @@ class SharedQueue:
         )
         self.s = {
             name: self.r.register_script(getattr(rs, name))
-            for name in ("ENQUEUE", "TAKE", "RENEW", "RELEASE", "APPEND", "CANCEL")
+            for name in ("ENQUEUE", "TAKE", "RENEW", "RELEASE", "APPEND", "CANCEL", "WAITING_LUA")
         }
         for loop in (self._monitor, self._pull, self._leases, self._writer, self._cancels):
             self._tasks.append(asyncio.create_task(loop(), name=f"shared-queue-{loop.__name__}"))
@@ -162,11 +162,9 @@ class SharedQueue:
     async def refresh(self) -> None:
         """The shared queue's length and every replica's completions of the last minute, from Redis."""
         now = time.time()
-        async with self.r.pipeline(transaction=False) as p:
-            p.get(rs.WAITING)
-            p.zrangebyscore(rs.DONE, (now - WINDOW_S) * 1000, "+inf", withscores=True)
-            waiting, done = await p.execute()
-        self.waiting = max(0, int(waiting or 0))
+        waiting = await self.s["WAITING_LUA"](keys=[rs.QUEUE], args=[rs.GROUP])
+        done = await self.r.zrangebyscore(rs.DONE, (now - WINDOW_S) * 1000, "+inf", withscores=True)
+        self.waiting = int(waiting)
         self.rate = rate_of([score / 1000 for _, score in done], now)
 
     def retry_after(self) -> int | None:
@@ -193,10 +191,10 @@ class SharedQueue:
         active_ttl = int(s.request_timeout_s * s.job_max_attempts + s.job_ttl_s + 60)
         try:
             verdict, value = await self.s["ENQUEUE"](
-                keys=[rs.QUEUE, rs.WAITING, rs.job_key(req.request_id), rs.events_key(req.request_id),
+                keys=[rs.QUEUE, rs.QUEUE, rs.job_key(req.request_id), rs.events_key(req.request_id),
                       rs.idem_key(idempotency_key or "")],
                 args=[req.request_id, request_to_json(req), kind, time.time(), s.max_queue, int(s.job_ttl_s),
-                      active_ttl, 1 if idempotency_key else 0],
+                      active_ttl, 1 if idempotency_key else 0, rs.GROUP],
             )  # fmt: skip
             job_id = value if verdict == "dup" else req.request_id
             job = await self.open(job_id, live=verdict != "full")
@@ -226,7 +224,13 @@ class SharedQueue:
         st = RequestState(request_from_json(h["request"]), -1)
         st.created = time.monotonic() - max(0.0, time.time() - created_at)
         job = Job(st, h.get("kind", "job"), created_at=created_at)
-        st.listener = job.on_event
+
+        def listener(kind: str, data: dict[str, Any]) -> None:
+            job.on_event(kind, data)
+            if kind in TERMINAL and st.timer is not None:
+                st.timer.cancel()  # the deadline would keep the mirror (and its images) alive
+
+        st.listener = listener
         last = "0-0"
         for eid, fields in await self.r.xrange(rs.events_key(job_id)):
             last = eid
@@ -276,7 +280,7 @@ class SharedQueue:
         s = self.settings
         try:
             before = await self.s["CANCEL"](
-                keys=[rs.job_key(job_id), rs.events_key(job_id), rs.QUEUE, rs.WAITING, rs.gone_key(job_id),
+                keys=[rs.job_key(job_id), rs.events_key(job_id), rs.QUEUE, rs.QUEUE, rs.gone_key(job_id),
                       rs.FINISHED, rs.SIZES, rs.FINISHED_BYTES],
                 args=[code, message, rs.GROUP, 1 if delete else 0, int(s.job_ttl_s), int(time.time() * 1000),
                       rs.TOMBSTONE_TTL_S, job_id],
@@ -318,7 +322,7 @@ class SharedQueue:
 
     async def _take(self, qid: str, job_id: str, reason: str) -> None:
         res = await self.s["TAKE"](
-            keys=[rs.job_key(job_id), rs.events_key(job_id), rs.WAITING],
+            keys=[rs.job_key(job_id), rs.events_key(job_id)],
             args=[self.owner, self.settings.job_max_attempts, reason],
         )
         attempt = int(res[0])

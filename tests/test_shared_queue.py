@@ -117,15 +117,16 @@ def test_leases_fencing_and_attempts(red: RedisServer) -> None:
                 )  # fmt: skip
 
             r.xreadgroup(rs.GROUP, "X", {rs.QUEUE: ">"}, count=1)
-            assert (await take(keys=[jk, ek, rs.WAITING], args=["X", 2, "lease_expired"]))[0] == 1
-            assert r.get(rs.WAITING) == "0"
+            assert (await take(keys=[jk, ek], args=["X", 2, "lease_expired"]))[0] == 1
+            await queue.refresh()
+            assert queue.waiting == 0
             assert await write("X", 1, "progress") == 1
             # X stops renewing; Y takes the job over: a requeued event, attempt 2; X's writes are dropped
-            assert (await take(keys=[jk, ek, rs.WAITING], args=["Y", 2, "lease_expired"]))[0] == 2
+            assert (await take(keys=[jk, ek], args=["Y", 2, "lease_expired"]))[0] == 2
             assert await write("X", 1, "progress") == 0
             assert await queue.s["RENEW"](keys=[jk, rs.QUEUE], args=["X", 1, rs.GROUP]) == 0
             # Y is lost too: attempts used up, the next taker must fail it
-            res = await take(keys=[jk, ek, rs.WAITING], args=["Z", 2, "lease_expired"])
+            res = await take(keys=[jk, ek], args=["Z", 2, "lease_expired"])
             assert res[0] == -1 and res[1] == 2
             assert await write("Y", 2, "completed", "succeeded") == 0  # fenced: Z owns it now
             assert await write("Z", 2, "failed", "failed") == 1
@@ -148,7 +149,7 @@ def test_result_bounds_evict_oldest_first(red: RedisServer) -> None:
             for _ in range(3):
                 job = await queue.submit(_req(), "job", None)
                 jk, ek = rs.job_key(job.id), rs.events_key(job.id)
-                await queue.s["TAKE"](keys=[jk, ek, rs.WAITING], args=["X", 3, ""])
+                await queue.s["TAKE"](keys=[jk, ek], args=["X", 3, ""])
                 await queue.s["APPEND"](
                     keys=[jk, ek, rs.QUEUE, rs.gone_key(job.id), rs.FINISHED, rs.SIZES, rs.FINISHED_BYTES, rs.DONE],
                     args=["X", 1, "failed", rs.encode({"code": "internal_error", "message": "x"}), "failed", 1000,
