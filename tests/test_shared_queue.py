@@ -197,3 +197,24 @@ def _readyz(srv: LiveServer) -> tuple[int, dict[str, Any]] | None:
     except httpx.TransportError:
         return None
     return r.status_code, r.json()
+
+
+def test_delete_on_b_cancels_on_the_running_replica_at_once(red: RedisServer) -> None:
+    """Over pub/sub, not by the next lease renewal (30 s lease here: renewals every 10 s)."""
+    env = {"FAKE_WORKER_STEP_S": "0.2"}  # 64 steps of 256x256: about 13 s
+    a, b = (LiveServer("--devices", "cpu", "--redis-url", red.url, env=env) for _ in range(2))
+    try:
+        a.wait_ready(60)
+        b.wait_ready(60)
+        with a.client() as ca, b.client() as cb:
+            job = ca.post("/v1/jobs", json={"prompt": "a", "width": 256, "height": 256}).json()
+            wait_for(lambda: cb.get(job["status_url"]).json()["status"] == "running", 30, "running")
+            runner = next(s for s in (a, b) if s.info()["workers"][0]["in_flight"] == 1)
+            time.sleep(2.0)  # the runner renewed the lease once (within 1 s of the start): the next is ~10 s away
+            t0 = time.monotonic()
+            assert cb.delete(job["status_url"]).json()["status"] == "cancelled"
+            wait_for(lambda: runner.info()["workers"][0]["in_flight"] == 0, 3, "the worker drops it")
+            assert time.monotonic() - t0 < 3
+    finally:
+        a.kill()
+        b.kill()
