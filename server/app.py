@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 from bitdance_core.engine.protocol import ErrorCode
 from server.docs import install_openapi
+from server.drain import retry_after_s
 from server.errors import count_rejection, install_error_handlers
 from server.jobs import JobStore
 from server.metrics import Metrics
@@ -35,14 +36,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
     pool = WorkerPool(settings, metrics)
+    shared = None
+    if settings.redis_url:
+        from server.shared_queue import SharedQueue  # imports redis: only with a shared queue
+
+        shared = SharedQueue(settings, pool)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        if shared is not None:
+            await shared.start()
         try:
             yield
         finally:
             await pool.shutdown(timeout_s=max(10.0, settings.drain_grace_s))
+            if shared is not None:
+                await shared.close()
 
     app = FastAPI(
         title="bitdance-serve",
@@ -54,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.pool = pool
+    app.state.shared = shared
+    app.state.retry_after = (
+        shared.retry_after if shared is not None else lambda: retry_after_s(pool.num_waiting, pool.drain.rate())
+    )
     app.state.started_at = time.time()
     app.state.jobs = JobStore(settings.job_ttl_s, settings.job_max_results, settings.job_max_bytes)
     install_error_handlers(app)

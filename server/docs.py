@@ -59,7 +59,7 @@ def _sse(events: list[str]) -> dict[str, Any]:
     }
 
 
-GENERATE_EVENTS = ["queued", "started", "progress", "preview", "completed", "error"]
+GENERATE_EVENTS = ["queued", "started", "progress", "preview", "completed", "error", "requeued"]  # requeued: Redis
 OPENAI_EVENTS = ["image_generation.partial_image", "image_generation.completed", "error"]
 
 IMAGE_ITEM = {
@@ -104,7 +104,11 @@ COMMON_ERRORS = {
     413: _error("Request body over the limit"),
     422: _error("Invalid parameters (the body names the field and what is allowed)"),
     429: _error("Queue full: retry after Retry-After seconds", headers=True),
-    503: _error("No worker ready, shutting down, or the worker died / hung mid-request", headers=True),
+    503: _error(
+        "No worker ready, shutting down, the worker died / hung mid-request, or (several replicas) the shared "
+        "queue is unreachable: queue_unavailable",
+        headers=True,
+    ),
     504: _error("The request passed its deadline"),
 }
 
@@ -165,6 +169,7 @@ _JOB_GONE = {
     404: _error("No such job"),
     410: _error("The job's result was evicted (TTL, count or byte cap) or the job was deleted"),
     422: _error("The id is not a job id"),
+    503: _error("Several replicas: the shared queue (Redis) is unreachable (queue_unavailable)", headers=True),
 }
 JOB_GET_DOC: dict[str, Any] = {
     "responses": {200: {"description": "The job", "content": {"application/json": {"schema": JOB_SCHEMA}}}, **_JOB_GONE}

@@ -42,6 +42,7 @@ STATUS_BY_CODE: dict[str, int] = {
     "out_of_memory": 503,
     "overloaded": 429,
     "not_ready": 503,
+    "queue_unavailable": 503,
     "unauthorized": 401,
     "payload_too_large": 413,
     "not_acceptable": 406,
@@ -62,6 +63,7 @@ OUTCOME_BY_CODE: dict[str, str] = {
     ErrorCode.QUEUE_FULL.value: "rejected",
     "overloaded": "rejected",
     "not_ready": "rejected",
+    "queue_unavailable": "rejected",
     "unauthorized": "rejected",
     ErrorCode.SHUTTING_DOWN.value: "rejected",
     ErrorCode.CANCELLED.value: "cancelled",
@@ -83,14 +85,16 @@ REJECT_REASON_BY_CODE: dict[str, str] = {
     ErrorCode.QUEUE_FULL.value: "queue_full",  # the worker's waiting queue
     "overloaded": "queue_full",  # the API's per-worker capacity: the same full queue, seen earlier
     "not_ready": "not_ready",
+    "queue_unavailable": "queue_unavailable",
     "unauthorized": "unauthorized",
     ErrorCode.SHUTTING_DOWN.value: "shutting_down",
 }
 
 RETRY_AFTER_S = {
     "overloaded": 1, ErrorCode.QUEUE_FULL.value: 1, "not_ready": 5, ErrorCode.WORKER_DIED.value: 2, "worker_hung": 2,
-    "out_of_memory": 5, ErrorCode.SHUTTING_DOWN.value: 5,
+    "out_of_memory": 5, ErrorCode.SHUTTING_DOWN.value: 5, "queue_unavailable": 2,
 }
+QUEUE_FULL_CODES = ("overloaded", ErrorCode.QUEUE_FULL.value)  # Retry-After from the measured drain (app.state)
 
 # routes whose every request ends in exactly one bitdance_requests_total{status}
 GENERATION_ROUTES = frozenset({("POST", "/generate"), ("POST", "/v1/images/generations"), ("POST", "/v1/jobs")})
@@ -223,6 +227,9 @@ def _describe_validation(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        hint = getattr(request.app.state, "retry_after", None)
+        if exc.code in QUEUE_FULL_CODES and hint is not None:
+            exc.retry_after = hint() or exc.retry_after
         if not exc.counted:
             count_rejection(getattr(request.app.state, "metrics", None), request.method, request.url.path, exc.code)
         return exc.response(openai=is_openai_path(request.url.path))

@@ -8,6 +8,7 @@ One table, used by both routes and by the job store (README "SSE events")::
     preview    {step, total_steps, patch, patches, b64_json, width, height, format}
     completed  the /generate JSON response body
     error      {code, message}
+    requeued   {id, reason, attempt}    (shared queue only: its replica was lost; runs again from the start)
 
 ``patch`` / ``patches`` count the AR steps (each decodes one patch of ``parallel_num`` tokens) and
 ``diffusion_steps`` is the request's ``steps`` (sampling steps of the diffusion head per patch);
@@ -54,6 +55,8 @@ def render_generate_event(
         }
     if kind == "completed":
         return "completed", completed_body(data, time.monotonic() - created, req.return_tokens)
+    if kind == "requeued":
+        return "requeued", {"id": req.request_id, "reason": data.get("reason"), "attempt": data.get("attempt")}
     if kind == "failed":
         return "error", {"code": data.get("code"), "message": data.get("message")}
     return None

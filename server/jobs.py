@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,7 @@ class Job:
     nbytes: int = 0
     _seq: int = 0
     _waiters: list[asyncio.Future] = field(default_factory=list)
+    on_close: Callable[[], None] | None = None  # a shared-queue mirror: stop following Redis
 
     @property
     def id(self) -> str:
@@ -107,6 +108,9 @@ class Job:
             self.progress = payload
         elif name == "preview":
             self.preview = payload
+            self._drop_previews()
+        elif name == "requeued":  # shared queue: its replica was lost, it runs again from the start
+            self.started, self.position, self.progress, self.preview = False, 0, None, None
             self._drop_previews()
         elif name == "completed":
             self.result = payload

@@ -146,6 +146,22 @@ class Settings(BaseSettings):
         256 * 2**20, ge=2**20, description="Most bytes of finished job results kept (oldest evicted first)."
     )
     stream_heartbeat_s: float = Field(15.0, gt=0, description="SSE keep-alive comment interval.")
+
+    # --- several replicas (server/shared_queue.py) -----------------------------------------------
+    redis_url: str | None = Field(
+        None,
+        description="Redis/Valkey URL (redis://host:6379/0) of a queue shared by several replicas: jobs, events "
+        "and results live there, any replica accepts, runs and answers. Unset: in memory, one replica.",
+    )
+    job_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="With redis_url: a running job's lease, renewed by its replica; a job whose replica stops "
+        "renewing is re-run elsewhere after this long.",
+    )
+    job_max_attempts: int = Field(
+        3, ge=1, description="With redis_url: runs of one job (first + re-runs after a lost replica), then worker_died."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="Log level.")
     access_log: bool = Field(False, description="Log every HTTP request (uvicorn access log).")
     a1111_api: bool = Field(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -21,12 +21,18 @@ from fastapi.responses import StreamingResponse
 from bitdance_core.engine.protocol import ErrorCode
 from server.jobs import Job
 from server.mailbox import RequestState
-from server.worker_pool import WorkerPool
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
 FIRST_EVENT_WAIT_S = 5.0  # how long a stream waits for the worker's verdict before sending headers
 
 Event = tuple[str, dict[str, Any]]
+
+
+class WorkerPool(Protocol):
+    """What the waits need of the pool (or of the shared queue, :mod:`server.dispatch`)."""
+
+    def cancel(self, st: RequestState, code: str = ..., message: str = ...) -> None: ...
+
 Renderer = Callable[[Event], Iterable[bytes]]
 
 
@@ -88,6 +94,8 @@ async def job_events(job: Job, pool: WorkerPool, heartbeat_s: float, cancel_on_c
     finally:
         if cancel_on_close:
             _cancel_if_open(job.st, pool)
+        if job.on_close is not None:
+            job.on_close()
 
 
 def job_response(

@@ -41,6 +41,7 @@ from bitdance_core.engine.protocol import (
     WorkerFatal,
     WorkerReady,
 )
+from server.drain import DrainMeter
 from server.errors import REJECT_REASON_BY_CODE, APIError, outcome_of
 from server.mailbox import TERMINAL, RequestState
 from server.metrics import Metrics
@@ -108,9 +109,11 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rr = 0
+        self.drain = DrainMeter()  # completions: Retry-After of a full queue
+        self.shared_waiting: object = None  # with a shared queue: () -> its length, the waiting gauge
         metrics.bind_gauges(
             running=lambda: sum(1 for st in self.requests.values() if st.started),
-            waiting=lambda: sum(1 for st in self.requests.values() if not st.started),
+            waiting=lambda: self.shared_waiting() if callable(self.shared_waiting) else self.num_waiting,
             ready=lambda: sum(1 for w in self.workers if w.ready),
         )
 
@@ -327,6 +330,7 @@ class WorkerPool:
                 self.metrics.queue_time.observe(float(data["timings"]["queue_s"]))
             self.metrics.e2e_latency.observe(now - st.created)
             self.metrics.images.inc(len(data.get("images", ())))
+            self.drain.record()
             w.completed += 1
         st.push(kind, data)
         if kind in TERMINAL:
@@ -364,6 +368,10 @@ class WorkerPool:
             return ready[0]
         known = [w.info for w in self.workers if w.info]
         return known[0] if known else None
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(1 for st in self.requests.values() if not st.started)
 
     @property
     def num_ready(self) -> int:

@@ -204,8 +204,10 @@ def _deploy_probe_paths() -> set[str]:
     paths |= {p for _, p in _local_urls(" ".join(_compose()["services"]["bitdance"]["healthcheck"]["test"]))}
     for doc in _k8s_objects().values():
         for ctr in doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            paths |= {
-                ctr[k]["httpGet"]["path"] for k in ("startupProbe", "readinessProbe", "livenessProbe") if k in ctr
+            paths |= {  # HTTP probes point at the server (optional/redis.yaml's probe Valkey, not HTTP)
+                ctr[k]["httpGet"]["path"]
+                for k in ("startupProbe", "readinessProbe", "livenessProbe")
+                if k in ctr and "httpGet" in ctr[k]
             }
         annotations = doc.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations", {})
         if "prometheus.io/path" in annotations:
@@ -653,3 +655,22 @@ def test_runbook_mentions_real_settings_and_weights():
     assert "hf download shallowdream204/BitDance-14B-64x --local-dir" in text
     mentioned = set(re.findall(r"\bBITDANCE_[A-Z0-9_]*[A-Z0-9]", text))
     assert mentioned <= set(_settings_env()), f"not Settings fields: {sorted(mentioned - set(_settings_env()))}"
+
+
+def test_several_replicas_wiring():
+    """The scale profile's Redis and optional/redis.yaml agree with the server's BITDANCE_REDIS_URL."""
+    compose = _compose()
+    red = compose["services"]["redis"]
+    assert red["profiles"] == ["scale"] and "redis-data" in compose["volumes"]
+    assert "noeviction" in red["command"] and "--appendonly" in red["command"]
+    assert compose["services"]["bitdance"]["environment"]["BITDANCE_REDIS_URL"] == "${REDIS_URL:-}"
+    assert "BITDANCE_REDIS_URL" in _settings_env()
+    assert "REDIS_URL=redis://redis:6379/0" in COMPOSE.read_text()  # the documented command names the service
+    objs = _k8s_objects()
+    svc, sts = objs[("Service", "bitdance-redis")], objs[("StatefulSet", "bitdance-redis")]
+    (port,) = svc["spec"]["ports"]
+    (ctr,) = sts["spec"]["template"]["spec"]["containers"]
+    assert {p["name"]: p["containerPort"] for p in ctr["ports"]} == {"redis": port["port"]} == {"redis": 6379}
+    assert "noeviction" in ctr["args"] and sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    cm = (K8S / "configmap.yaml").read_text()
+    assert f"BITDANCE_REDIS_URL: redis://{svc['metadata']['name']}:{port['port']}/0" in cm

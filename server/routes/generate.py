@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode, GenerationRequest
+from server.dispatch import IDEMPOTENCY_HEADER, canceller, shared, submit
 from server.docs import GENERATE_DOC
 from server.errors import APIError
 from server.jobs import Job
@@ -74,7 +75,11 @@ def request_from_body(
 
 async def submit_job(request: Request, req: GenerationRequest, kind: str) -> Job:
     """Submit and register a job; a refusal the worker sends first (queue full, prompt too long in
-    tokens) is still answered as an HTTP error, not an accepted job."""
+    tokens) is still answered as an HTTP error, not an accepted job. With a shared queue the job is
+    in Redis and this is its mirror (an ``Idempotency-Key`` gives an earlier job back)."""
+    queue = shared(request)
+    if queue is not None:
+        return await queue.submit(req, kind, request.headers.get(IDEMPOTENCY_HEADER))
     st = request.app.state.pool.submit(req)
     jobs = request.app.state.jobs
     job = jobs.add(st, kind)  # before the first await: it sees every event
@@ -90,7 +95,7 @@ async def generate(body: GenerateBody, request: Request) -> Response:
     """Generate images: JSON (default), one raw image (``Accept: image/png|jpeg|webp``) or a stream
     of server-sent events (``"stream": true`` or ``Accept: text/event-stream``). A stream's id is in
     its ``queued`` event and the ``X-Request-ID`` header: ``DELETE /v1/jobs/{id}`` cancels it."""
-    pool = request.app.state.pool
+    pool = canceller(request)
     settings = request.app.state.settings
     mode = negotiate(request.headers.get("accept"))
     output_format = body.output_format
@@ -113,13 +118,14 @@ async def generate(body: GenerateBody, request: Request) -> Response:
             )
     streaming = body.stream or mode == "sse"
     req = request_from_body(model_info(request), body, output_format, None if streaming else 0)
-    headers = {"X-Request-ID": req.request_id}
 
     if streaming:
         job = await submit_job(request, req, "stream")
-        return job_response(job, pool, settings.stream_heartbeat_s, True, headers)
+        return job_response(job, pool, settings.stream_heartbeat_s, True, {"X-Request-ID": job.id})
 
-    st = pool.submit(req)
+    st = await submit(request, req)
+    req = st.request  # with an Idempotency-Key: the first request's
+    headers = {"X-Request-ID": req.request_id}
     try:
         kind, data = await wait_result(request, st, pool)
     except ClientGone:

@@ -34,6 +34,11 @@ async def readyz(request: Request) -> JSONResponse:
         status = "starting" if all(w.restarts == 0 and w.state == "starting" for w in pool.workers) else "unavailable"
     states = [{"index": w.index, "state": w.state, "hangs": w.hangs, "restarts": w.restarts} for w in pool.workers]
     body = {"status": status, "workers_ready": ready, "workers": total, "worker_states": states}
+    shared = request.app.state.shared
+    if shared is not None:  # several replicas: no queue, no service
+        body["redis"] = "ok" if shared.up else f"unreachable ({shared.error}); retrying"
+        if not shared.up and status == "ready":
+            body["status"] = status = "unavailable"
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 

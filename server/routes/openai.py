@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode
+from server.dispatch import canceller, submit
 from server.docs import MODELS_DOC, OPENAI_DOC
 from server.errors import APIError
 from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
@@ -87,7 +88,7 @@ async def list_models(request: Request) -> dict[str, Any]:
 
 @router.post("/images/generations", response_model=None, **OPENAI_DOC)
 async def images_generations(body: OpenAIImageBody, request: Request) -> Response:
-    pool = request.app.state.pool
+    pool = canceller(request)
     info = model_info(request)
     _check_fields(body, info, request.app.state.settings.model_aliases)
     width, height = parse_size(body.size, info)
@@ -115,7 +116,8 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
         req = dataclasses.replace(req, output_compression=body.output_compression)
     if body.user or body.safety_identifier:
         logger.info("request %s: user=%r safety_identifier=%r", req.request_id, body.user, body.safety_identifier)
-    st = pool.submit(req)
+    st = await submit(request, req)
+    req = st.request  # with an Idempotency-Key: the first request's
     common = {
         "size": f"{req.width}x{req.height}",
         "quality": quality,
