@@ -201,7 +201,7 @@ def test_job_end_to_end_and_delete(srv: LiveServer, endless: dict[str, Any]) -> 
         assert events[0][0] == "queued" and events[-1] == ("completed", body["result"])
         progress = [d for k, d in events if k == "progress"]
         patches = (64 // 16) ** 2 // srv.info()["parallel_num"]
-        assert progress[-1]["patches"] == patches and progress[-1]["diffusion_steps"] == 2
+        assert progress[-1]["patches"] == progress[-1]["patch"] == patches and progress[-1]["diffusion_steps"] == 2
         # the same image as /generate with the same inputs
         direct = c.post("/generate", json={"prompt": "a job", "seed": 9, **FAST}).json()
         assert _png(direct["images"][0]["b64_json"]).tobytes() == img.tobytes()
