@@ -208,6 +208,13 @@ INFO_DOC: dict[str, Any] = {"responses": {200: _json("The served model"), 503: _
 MODELS_DOC: dict[str, Any] = {
     "responses": {200: _json("The served model (OpenAI list shape)"), 503: _error("No worker ready yet", True)}
 }
+MODEL_DOC: dict[str, Any] = {
+    "responses": {
+        200: _json("The served model, or one of its aliases (OpenAI model object)"),
+        404: _error("Not the served model nor an alias"),
+        503: _error("No worker ready yet", True),
+    }
+}
 
 
 # ---- the served model's limits in the schema -------------------------------------------------

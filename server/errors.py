@@ -47,6 +47,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "not_acceptable": 406,
     "model_not_found": 404,
     "job_not_found": 404,
+    "not_found": 404,  # no such route
+    "method_not_allowed": 405,
     "job_expired": 410,
 }
 

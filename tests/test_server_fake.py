@@ -384,6 +384,32 @@ def test_openai_client_errors(srv: LiveServer) -> None:
     srv.wait_ready(30)
 
 
+def test_openai_models_retrieve_partial_format_and_unknown_routes(srv: LiveServer, client: httpx.Client) -> None:
+    oc = OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    model = srv.info()["model"]
+    got = oc.models.retrieve(model)
+    assert got.id == model and got.object == "model" and got.owned_by == "bitdance"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oc.models.retrieve("dall-e-3")
+    # partial images say the format of their own bytes (the fake worker's previews are PNG), not the final one's
+    events = list(oc.images.generate(prompt="a", size="128x64", stream=True, partial_images=2, output_format="jpeg"))
+    partial, done = events[:-1], events[-1]
+    assert partial and all(e.type == "image_generation.partial_image" for e in partial)
+    for e in partial:
+        fmt = Image.open(io.BytesIO(decode_b64(e.b64_json))).format
+        assert e.output_format == fmt.lower() == "png", (e.output_format, fmt)
+    assert done.output_format == "jpeg" and Image.open(io.BytesIO(decode_b64(done.b64_json))).format == "JPEG"
+    # unknown routes and wrong methods: client errors in OpenAI's shape, on the OpenAI paths and elsewhere
+    for method, path, status in [("GET", "/v1/nope", 404), ("GET", "/nope", 404),
+                                 ("GET", "/v1/images/generations", 405), ("DELETE", "/generate", 405)]:
+        r = client.request(method, path)
+        err = r.json()["error"]
+        assert r.status_code == status and err["type"] == "invalid_request_error", (path, r.text)
+        assert set(err) >= {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError):
+        oc.get("/nope", cast_to=object)
+
+
 def test_second_signal_forces_exit_and_kills_workers() -> None:
     server = LiveServer("--devices", "cpu", "--drain-grace-s", "60")
     try:
