@@ -164,7 +164,6 @@ JOB_CREATE_DOC: dict[str, Any] = {
 _JOB_GONE = {
     404: _error("No such job"),
     410: _error("The job's result was evicted (TTL, count or byte cap) or the job was deleted"),
-    422: _error("The id is not a job id"),
 }
 JOB_GET_DOC: dict[str, Any] = {
     "responses": {200: {"description": "The job", "content": {"application/json": {"schema": JOB_SCHEMA}}}, **_JOB_GONE}

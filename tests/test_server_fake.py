@@ -410,6 +410,25 @@ def test_openai_models_retrieve_partial_format_and_unknown_routes(srv: LiveServe
         oc.get("/nope", cast_to=object)
 
 
+def test_unclear_inputs_get_answers_that_name_the_real_problem(client: httpx.Client) -> None:
+    for bad in ("not-a-job", "0" * 31, "A" * 32, "g" * 32, "a b"):  # malformed ids are unknown jobs, as the README says
+        r = client.get(f"/v1/jobs/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (bad, r.text)
+        assert client.delete(f"/v1/jobs/{bad}").status_code == 404
+    deep = client.post("/generate", content=b"[" * 3000, headers={"Content-Type": "application/json"})
+    err = deep.json()["error"]
+    assert deep.status_code == 422 and err["field"] == "body" and "deeply" in err["message"], deep.text
+    assert "UTF-8" not in err["message"]
+    latin = client.post("/generate", content='{"prompt": "caf\xe9"}'.encode("latin-1"),
+                        headers={"Content-Type": "application/json"})
+    assert latin.status_code == 422 and "UTF-8" in latin.json()["error"]["message"], latin.text
+    # a union-typed field is named as the client sent it, with what it may be
+    r = client.post("/generate", json={"prompt": "a", "class_label": "1"})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["field"] == "class_label" and err["param"] == "class_label", r.text
+    assert "an integer or a list of integers" in err["message"] and "class_label.int" not in r.text
+
+
 def test_second_signal_forces_exit_and_kills_workers() -> None:
     server = LiveServer("--devices", "cpu", "--drain-grace-s", "60")
     try:
