@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import sys
+import typing
 from types import FrameType
 from typing import Any
 
@@ -29,10 +30,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(annotation: Any) -> list[str] | None:
+    """The values of a ``Literal`` field (also inside ``X | None``), for ``--help`` and argparse's check."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is typing.Literal:
+            return [str(v) for v in typing.get_args(arg)]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitdance serve",
-        description="Serve BitDance text-to-image over HTTP. Every flag is also a BITDANCE_<NAME> variable.",
+        description="Serve BitDance over HTTP: a text-to-image checkpoint directory, or a class-conditional "
+        "ImageNet BitDance_*.pt file (--model). Every flag is also a BITDANCE_<NAME> variable.",
     )
     for name, field in Settings.model_fields.items():
         env = f"BITDANCE_{name.upper()}"
@@ -44,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         else:
-            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+            choices = _choices(field.annotation)
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                choices=choices,
+                help=help_text,
+            )
     return parser
 
 

@@ -149,20 +149,14 @@ def _watch_parent() -> None:
 
 def build_engine(config: WorkerConfig):
     """Load the model and build a warmed-up engine (also used by benchmarks in-process)."""
-    import torch
-
     from .. import attention
+    from ..cpu_threads import apply_thread_policy
     from ..serving_config import ServingConfig
     from ..weights import load_model
     from .engine import Engine
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if getattr(config, "interop_threads", None):
-        try:
-            torch.set_num_interop_threads(config.interop_threads)
-        except RuntimeError:  # already set (in-process benchmarks): keep what runs
-            logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
+    if config.threads:  # a CPU worker: the CPU thread policy (its OMP_WAIT_POLICY came with its environment)
+        apply_thread_policy(config.threads, getattr(config, "interop_threads", None), wait_policy=None)
     attention.set_backend(config.attention_backend)
     if Path(config.model_dir).is_file():  # a class-conditional BitDance_*.pt
         from ..imagenet.family import serving_for

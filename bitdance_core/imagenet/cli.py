@@ -69,9 +69,8 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
         if bar is not None:
             bar.close()
 
-    from PIL.PngImagePlugin import PngInfo
-
-    from ..png_metadata import image_parameters, png_text
+    from ..cli import save_image
+    from ..png_metadata import image_parameters
 
     names = class_names() if cfg.num_classes == 1000 else None
     paths = output_paths(args.output, len(labels))
@@ -81,9 +80,6 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
             prompt=names[labels[i]] if names else "", negative_prompt=None, seed=out.seed, steps=steps,
             guidance_scale=guidance, width=cfg.image_size, height=cfg.image_size, model=cfg.name, index=i,
             num_images=len(labels), class_label=labels[i], cfg_schedule=schedule)
-        info = PngInfo()
-        for key, value in png_text(params).items():
-            info.add_text(key, value)
-        img.save(path, pnginfo=info)
+        save_image(img, path, params)
         print(f"saved: {path}", flush=True)
     return 0
