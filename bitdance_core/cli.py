@@ -16,10 +16,10 @@
 ``generate`` writes K images (OUT.png when K = 1, else OUT-0.png, OUT-1.png, ...; .jpg / .webp write JPEG / WebP),
 each PNG with a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps, guidance, size, model, index);
 it applies the server's CPU thread policy (``bitdance_core.cpu_threads``; ``--threads``), shows a progress bar on
-stderr and prints the seed it used on stdout (a random one when --seed is absent). Default size, steps and
-guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``): 1024x1024, 50 steps, 7.5
-for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides them. Heavy imports (torch, the
-server) happen inside the subcommands, so ``bitdance --help`` is instant.
+stderr and prints the seed it used (a random one when --seed is absent) and the generation time on stdout.
+Default size, steps and guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``):
+1024x1024, 50 steps, 7.5 for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides
+them. Heavy imports (torch, the server) happen inside the subcommands, so ``bitdance --help`` is instant.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import argparse
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -225,12 +226,14 @@ def _generate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
+    t0 = time.perf_counter()
     try:
         out = pipe(args.prompt, height, width, steps=steps, guidance_scale=guidance, seed=seed,
                    num_images=args.num_images, negative_prompt=args.negative_prompt, callback=progress)
     finally:
         if bar is not None:
             bar.close()
+    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)  # as the server's timings.generation_s
 
     from .png_metadata import image_parameters
 

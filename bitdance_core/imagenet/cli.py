@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 
 from ..config import CheckpointError
 from ..serving_config import InvalidRequest
@@ -61,6 +62,7 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
+    t0 = time.perf_counter()
     try:
         out = pipe(labels, seed=seed, steps=steps, guidance_scale=guidance, cfg_schedule=schedule, callback=progress)
     except InvalidRequest as e:
@@ -68,6 +70,7 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
     finally:
         if bar is not None:
             bar.close()
+    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)
 
     from ..cli import save_image
     from ..png_metadata import image_parameters
