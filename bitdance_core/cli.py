@@ -180,6 +180,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .resolutions import SizeError
     from .serving_config import ServingConfig
 
+    if args.model:  # the server's resolution: a directory holding one class-conditional .pt serves that file
+        from .model_path import resolve_model_path
+
+        try:
+            args.model = resolve_model_path(args.model)
+        except CheckpointError as e:
+            raise CLIError(f"cannot load {args.model}: {e}") from e
     if args.model and Path(args.model).is_file():
         from .imagenet.cli import generate_class_conditional
 

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     restart_backoff_s: float = Field(
         1.0, ge=0, description="First delay before restarting a dead worker (doubles while it keeps failing)."
     )
+    keep_serving_on_load_error: bool = Field(
+        False,
+        description="A model that cannot load (no such path, a bad config or checkpoint) keeps the server up with "
+        "/readyz 503 naming the error, instead of exiting non-zero; never a restart loop.",
+    )
 
     # --- HTTP ----------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 to listen on all).")

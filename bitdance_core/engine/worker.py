@@ -195,7 +195,8 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         engine = build_engine(config)
     except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
         logger.exception("worker %d failed to start", config.worker_index)
-        outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
+        permanent = isinstance(e, ValueError)  # CheckpointError, a bad option: the same on every restart
+        outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}", permanent=permanent))
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name, config.worker_index)
     out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize}))

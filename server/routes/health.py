@@ -30,10 +30,14 @@ async def readyz(request: Request) -> JSONResponse:
         status = "draining"
     elif ready:
         status = "ready"
+    elif pool.load_error is not None:
+        status = "failed"  # the model cannot load; no restart will change that
     else:
         status = "starting" if all(w.restarts == 0 and w.state == "starting" for w in pool.workers) else "unavailable"
     states = [{"index": w.index, "state": w.state, "hangs": w.hangs, "restarts": w.restarts} for w in pool.workers]
     body = {"status": status, "workers_ready": ready, "workers": total, "worker_states": states}
+    if status == "failed":
+        body["error"] = pool.load_error
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 
