@@ -6,7 +6,8 @@ Prometheus text). :func:`install_openapi` makes the schema state the constraints
 the checkpoint (sizes, steps, guidance, images per request, prompt length) once a worker has
 reported them, so a request valid per the schema is one the server accepts. One limit cannot be
 written in JSON Schema: the prompt's length in *tokens* (``GET /info`` ``limits.max_prompt_tokens``),
-checked by the worker; it is stated in the field's description.
+checked by the worker; it is stated in the fields' descriptions and in the 422 (OpenAI: 400) each generation
+operation declares for it (``TOKEN_LIMIT_NOTE``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ ERROR_SCHEMA: dict[str, Any] = {
         }
     },
 }
+# the one limit JSON Schema cannot state: declared in the operations' 422 / 400 and the fields' descriptions
+TOKEN_LIMIT_NOTE = ("prompt or negative_prompt is over limits.max_prompt_tokens tokens (GET /info; the worker counts "
+                    "them): code invalid_request, param prompt or negative_prompt, message '<field> is N tokens long; "
+                    "at most M tokens are allowed'")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -102,7 +107,8 @@ JOB_SCHEMA: dict[str, Any] = {
 COMMON_ERRORS = {
     401: _error("Missing or wrong API key (when the server has one)"),
     413: _error("Request body over the limit"),
-    422: _error("Invalid parameters (the body names the field and what is allowed)"),
+    422: _error("Invalid parameters (the body names the field and what is allowed). Also the answer to a "
+                f"schema-valid body whose {TOKEN_LIMIT_NOTE}"),
     429: _error("Queue full: retry after Retry-After seconds", headers=True),
     503: _error("No worker ready, shutting down, or the worker died / hung mid-request", headers=True),
     504: _error("The request passed its deadline"),
@@ -125,7 +131,8 @@ GENERATE_DOC: dict[str, Any] = {
     }
 }
 OPENAI_ERRORS = {
-    400: _error("Invalid parameters (OpenAI error shape)"),
+    400: _error(f"Invalid parameters (OpenAI error shape). Also the answer to a schema-valid body whose "
+                f"{TOKEN_LIMIT_NOTE}"),
     401: _error("Missing or wrong API key (OpenAI error shape)"),
     404: _error("Unknown model (model_not_found)"),
     413: _error("Request body over the limit"),
@@ -322,6 +329,10 @@ def patch_schema(schema: dict[str, Any], info: dict[str, Any], aliases: list[str
         mdl = _string_schema(props.get("model"))
         if mdl is not None:
             mdl["enum"] = [info["model"], *aliases]
+    retrieve = out.get("paths", {}).get("/v1/models/{model_id}", {}).get("get")
+    for param in (retrieve or {}).get("parameters", ()):
+        if param.get("name") == "model_id":  # the ids GET /v1/models/{model_id} answers with 200
+            param["schema"] = {**param.get("schema", {}), "enum": [info["model"], *aliases]}
     return out
 
 
