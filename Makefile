@@ -1,6 +1,8 @@
 # One command to run the server on the embedded demo model, one to run the tests.
-#   make run      -> http://127.0.0.1:8000
-#   make test
+#   make run                          -> http://127.0.0.1:8000 (make run HOST=0.0.0.0 PORT=8080)
+#   make test                         the CI gate: every test (installs Debian chromium for the browser tests as
+#                                     root; otherwise its last line names each skipped group and what runs it)
+#   make test-fast                    the developer loop: every module, no slow end-to-end test (-m "not slow")
 # TORCH_SPEC/PIP_EXTRA let a machine without a local CPU wheel pick one, e.g.
 #   make test PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 
@@ -10,8 +12,9 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+APT_TEST_PACKAGES := chromium chromium-driver
 
-.PHONY: install run test lint bench
+.PHONY: install run test test-fast test-deps lint bench
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -27,8 +30,21 @@ run: install
 lint: install
 	$(PY) -m ruff check .
 
-test: install lint
+# what the tests need beyond pip: Debian chromium + its driver (the browser tests), installed when root can
+test-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian $(APT_TEST_PACKAGES) for the browser tests"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(APT_TEST_PACKAGES) >/dev/null; } \
+	    || echo "could not install $(APT_TEST_PACKAGES); the browser tests will be skipped"; \
+	fi
+
+test: install lint test-deps
 	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) bench/bench_engine.py

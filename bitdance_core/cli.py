@@ -2,7 +2,7 @@
 
     bitdance generate --prompt TEXT [--model DIR] [--height H --width W] [--steps S] [--guidance G]
                       [--seed N] [--num-images K] [--negative-prompt TEXT] [--device D] [--dtype T]
-                      [--quantize none|int8|fp8] --output OUT.png
+                      [--quantize none|int8|fp8] [--threads N] --output OUT.png|OUT.jpg|OUT.webp
     bitdance generate --model FILE.pt --class-label L [--class-label L2 ...] [--seed N] [--steps S] [--guidance G]
                       [--cfg-schedule linear|constant] [--vae AE.pt] [--model-args ARGS.json] --output OUT.png
     bitdance make-checkpoint --preset NAME --output DIR [--seed N]
@@ -13,12 +13,13 @@
     bitdance train-demo ...  (train the embedded demo model; ``bitdance_core.demo.train``)
     bitdance eval-demo ...   (score a demo checkpoint; ``bitdance_core.demo.evaluate``)
 
-``generate`` writes K PNG files (OUT.png when K = 1, else OUT-0.png, OUT-1.png, ...), each with a ``parameters``
-text chunk (JSON: prompt, negative prompt, seed, steps, guidance, size, model, index), shows a progress bar on
-stderr and prints the seed it used on stdout (a random one when --seed is absent). Default size, steps and
-guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``): 1024x1024, 50 steps, 7.5
-for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides them. Heavy imports (torch, the
-server) happen inside the subcommands, so ``bitdance --help`` is instant.
+``generate`` writes K images (OUT.png when K = 1, else OUT-0.png, OUT-1.png, ...; .jpg / .webp write JPEG / WebP),
+each PNG with a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps, guidance, size, model, index);
+it applies the server's CPU thread policy (``bitdance_core.cpu_threads``; ``--threads``), shows a progress bar on
+stderr and prints the seed it used (a random one when --seed is absent) and the generation time on stdout.
+Default size, steps and guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``):
+1024x1024, 50 steps, 7.5 for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides
+them. Heavy imports (torch, the server) happen inside the subcommands, so ``bitdance --help`` is instant.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import logging
 import secrets
 import sys
+import time
 from pathlib import Path
 
 from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -41,6 +43,8 @@ DELEGATES = {
 
 
 QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.quantize.MODES, without importing torch for --help
+DTYPES = ("float32", "bfloat16", "float16")  # bitdance_core.device also takes fp32 / bf16 / fp16
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # what --output may end in
 
 
 class CLIError(Exception):
@@ -48,21 +52,45 @@ class CLIError(Exception):
 
 
 def output_paths(output: str | Path, n: int) -> list[Path]:
-    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several."""
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. The suffix picks the format (.png, .jpg /
+    .jpeg, .webp); no suffix: .png; any other suffix is refused naming the supported ones."""
     out = Path(output)
-    if out.suffix.lower() != ".png":
+    if not out.suffix:
         out = out.with_name(out.name + ".png")
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise CLIError(f"--output {output}: {out.suffix!r} is not an image format this writes; end it in "
+                       f"{', '.join(IMAGE_FORMATS)}")
     if n == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
 
 
+def save_image(img, path: Path, params: dict) -> None:
+    """PNG with the server's ``parameters`` text chunks; JPEG / WebP at quality 90, as the server encodes them."""
+    fmt = IMAGE_FORMATS[path.suffix.lower()]
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        from .png_metadata import png_text
+
+        info = PngInfo()
+        for key, value in png_text(params).items():  # the server's format: no local paths
+            info.add_text(key, value)
+        img.save(path, format=fmt, pnginfo=info)
+    else:
+        img.save(path, format=fmt, quality=90)
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bitdance", description="BitDance text-to-image: generate, serve, tools.")
+    ap = argparse.ArgumentParser(prog="bitdance", description="BitDance image generation: generate, serve, tools.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    g = sub.add_parser("generate", help="generate images from a prompt into PNG files")
+    g = sub.add_parser(
+        "generate", help="generate images from a prompt (or ImageNet class labels) into image files",
+        description="Generate images in this process, with the server's defaults, sizes and CPU thread policy. "
+        "A text-to-image checkpoint directory takes --prompt; a class-conditional BitDance_*.pt file takes "
+        "--class-label (or a --prompt that is exactly an ImageNet class name). Prints the seed on stdout.")
     g.add_argument("--model", default=None, help="checkpoint directory (default: the embedded demo model), or a "
                                                  "class-conditional BitDance_*.pt file")
     g.add_argument("--prompt", default=None, help="text (a class-conditional model: exactly an ImageNet class name)")
@@ -76,43 +104,55 @@ def _build_parser() -> argparse.ArgumentParser:
                                                       "name, args and shapes cannot tell it")
     g.add_argument("--negative-prompt", default=None, help="text for the unconditional stream (default: none)")
     g.add_argument("--height", type=int, default=None, help="pixels (default: the checkpoint's default size: "
-                                                            "1024x1024 for the released models)")
-    g.add_argument("--width", type=int, default=None)
+                                                            "1024x1024 for the released models; with only --width, "
+                                                            "the same as --width)")
+    g.add_argument("--width", type=int, default=None, help="pixels (default: the checkpoint's default size; with only "
+                                                           "--height, the same as --height)")
     g.add_argument("--steps", type=int, default=None,
                    help=f"diffusion steps per AR step (default: {DEFAULT_STEPS}, or the checkpoint's "
                    "serving_config.json)")
     g.add_argument("--guidance", type=float, default=None, help=f"CFG scale, <= 1 disables guidance (default: "
                    f"{DEFAULT_GUIDANCE}, or the checkpoint's serving_config.json)")
     g.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--output", required=True, help="OUT.png (several images: OUT-0.png, OUT-1.png, ...)")
+    g.add_argument("--num-images", type=int, default=1, help="images from this prompt and seed (default 1)")
+    g.add_argument("--output", required=True, help="OUT.png, OUT.jpg or OUT.webp (the suffix picks the format; "
+                                                   "several images: OUT-0.png, OUT-1.png, ...)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, "
-                                                 "bfloat16 on CUDA)")
+    g.add_argument("--dtype", default=None, choices=DTYPES, help="compute dtype (default: float32 on CPU, "
+                                                                 "bfloat16 on CUDA)")
+    g.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op CPU threads (default: the CPUs this process may use: affinity mask, cgroup "
+                        "quota); as the server's CPU workers, OpenMP waits passively and one inter-op thread runs")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
                    help="weight-only quantisation of the prior's linear layers while loading (default: none; int8 "
                         "on CPU and CUDA, fp8 on CUDA compute capability >= 8.9); a pre-quantised --model loads as "
                         "stored")
 
-    m = sub.add_parser("make-checkpoint", help="write a random checkpoint in the official layout")
+    m = sub.add_parser(
+        "make-checkpoint", help="write a random checkpoint in the official layout",
+        description="Write a checkpoint with random weights in the official layout (a text-to-image directory, or a "
+        "class-conditional BitDance_*.pt with its autoencoder), for tests, benchmarks and memory plans.")
     m.add_argument("--preset", required=True, help="tiny | tiny-16x | tiny-64x | bench | 14b-64x | 14b-16x | "
                                                    "imagenet-b-1x | imagenet-b-4x | imagenet-b-16x | imagenet-l-1x | "
                                                    "imagenet-h-1x | imagenet-tiny | imagenet-tiny-1x | "
                                                    "imagenet-tiny-16x")
     m.add_argument("--output", required=True, help="directory to write")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--dtype", default=None, help="store every file in this dtype (default: LLM bfloat16, "
-                                                 "others float32, as released)")
-    m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size (default 5 GiB)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    m.add_argument("--dtype", default=None, choices=DTYPES, help="store every file in this dtype (default: LLM "
+                                                                 "bfloat16, others float32, as released)")
+    m.add_argument("--max-shard-gb", type=float, default=5.0, help="LLM shard size in GiB (default 5)")
     m.add_argument("--layout", default="official", choices=("official", "diffusers"),
                    help="official (default) or diffusers (model_index.json + one folder per component, as the "
                         "converted BiliSakura/*-diffusers repositories; the same tensors as official)")
 
-    qz = sub.add_parser("quantize", help="write a pre-quantised checkpoint directory (safetensors only)")
+    qz = sub.add_parser("quantize", help="write a pre-quantised checkpoint directory (safetensors only)",
+                        description="Quantise a text-to-image checkpoint's prior once and write it, so that "
+                        "`bitdance serve --model DIR2` loads it without quantising at start-up.")
     qz.add_argument("--model", required=True, help="checkpoint directory in the official layout")
     qz.add_argument("--output", required=True, help="new directory to write (must not exist or be empty)")
-    qz.add_argument("--quantize", required=True, choices=[m for m in QUANTIZE_MODES if m != "none"])
+    qz.add_argument("--quantize", required=True, choices=[m for m in QUANTIZE_MODES if m != "none"],
+                    help="int8 (CPU and CUDA) or fp8 (CUDA compute capability >= 8.9) weight-only quantisation")
     qz.add_argument("--device", default="cpu", help="where to run the quantisation (default cpu)")
 
     p = sub.add_parser("plan", help="memory plan: how many concurrent requests fit on a device (no weights read)")
@@ -120,7 +160,7 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="a checkpoint preset (14b-64x, 14b-16x, ...)")
     src.add_argument("--model", help="a checkpoint directory (only its configs and tokenizer are read)")
     p.add_argument("--gpu-memory", required=True, help="device memory: 80GiB, 141GB, 48G, or bytes")
-    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16 (default bfloat16)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (default bfloat16)")
     p.add_argument("--size", default=None, help="WxH served (default: the checkpoint's default size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quantize", default="none", choices=QUANTIZE_MODES,
@@ -134,6 +174,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    output_paths(args.output, 1)  # a suffix it cannot write: refused before the model loads
+    if args.threads is not None and args.threads < 1:
+        raise CLIError("--threads must be at least 1")
+    from .cpu_threads import apply_thread_policy
+
+    apply_thread_policy(args.threads)  # the server's CPU policy, before torch loads (OpenMP reads it once)
     from tqdm import tqdm
 
     from .config import CheckpointError
@@ -141,6 +187,13 @@ def _generate(args: argparse.Namespace) -> int:
     from .resolutions import SizeError
     from .serving_config import ServingConfig
 
+    if args.model:  # the server's resolution: a directory holding one class-conditional .pt serves that file
+        from .model_path import resolve_model_path
+
+        try:
+            args.model = resolve_model_path(args.model)
+        except CheckpointError as e:
+            raise CLIError(f"cannot load {args.model}: {e}") from e
     if args.model and Path(args.model).is_file():
         from .imagenet.cli import generate_class_conditional
 
@@ -187,16 +240,16 @@ def _generate(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
+    t0 = time.perf_counter()
     try:
         out = pipe(args.prompt, height, width, steps=steps, guidance_scale=guidance, seed=seed,
                    num_images=args.num_images, negative_prompt=args.negative_prompt, callback=progress)
     finally:
         if bar is not None:
             bar.close()
+    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)  # as the server's timings.generation_s
 
-    from PIL.PngImagePlugin import PngInfo
-
-    from .png_metadata import image_parameters, png_text
+    from .png_metadata import image_parameters
 
     paths = output_paths(args.output, args.num_images)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
@@ -204,10 +257,7 @@ def _generate(args: argparse.Namespace) -> int:
         params = image_parameters(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=out.seed,
                                   steps=steps, guidance_scale=guidance, width=width, height=height,
                                   model=pipe.config.name, index=i, num_images=args.num_images)
-        info = PngInfo()
-        for key, value in png_text(params).items():  # the server's format: no local paths
-            info.add_text(key, value)
-        img.save(path, pnginfo=info)
+        save_image(img, path, params)
         print(f"saved: {path}", flush=True)
     return 0
 

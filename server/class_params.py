@@ -3,7 +3,8 @@
 * ``class_label``: an int ``0 .. num_classes - 1``, or a list with one label per image (``num_images`` then
   defaults to its length; a different ``num_images`` is a 422); one int with ``num_images`` K gives K images of it;
 * ``prompt``: accepted only when it is exactly an ImageNet class name (case-insensitive), so the OpenAI client and
-  plain prompt boxes work; anything else is a 422 saying how to give a label;
+  plain prompt boxes work; anything else is a 422 saying how to give a label; with ``class_label`` too, it must
+  name that same class (else a 422 naming both fields);
 * ``cfg_schedule``: ``linear`` (default, as the paper) or ``constant``; ``negative_prompt`` does not apply.
 
 On a text-to-image model ``class_label`` and ``cfg_schedule`` are 422s. Torch-free.
@@ -59,6 +60,8 @@ def class_params(info: dict[str, Any], *, prompt: str | None, negative_prompt: s
                 raise APIError(INVALID, f"{num_images_field}={num_images} but class_label lists {len(labels)} "
                                         "labels; give one label per image", field=num_images_field)
             num_images = len(labels)
+        if prompt is not None:
+            _same_class_or_refuse(prompt, labels, n_classes)
         text = prompt or ""
     elif prompt is not None and prompt.strip():
         try:
@@ -69,6 +72,20 @@ def class_params(info: dict[str, Any], *, prompt: str | None, negative_prompt: s
     else:
         raise APIError(INVALID, f"a class-conditional model needs a class: {HOW}", field="class_label")
     return text, tuple(labels), num_images, schedule
+
+
+def _same_class_or_refuse(prompt: str, labels: list[int], n_classes: int) -> None:
+    """``class_label`` with a ``prompt``: accepted only when the prompt names that very class (every image's)."""
+    try:
+        named: int | None = label_for_prompt(prompt, n_classes)
+    except InvalidRequest:
+        named = None
+    if named is not None and set(labels) == {named}:
+        return
+    what = f"names class {named}" if named is not None else "is not exactly one ImageNet class name"
+    raise APIError(INVALID, f"class_label and prompt both given, and they disagree: class_label is "
+                            f"{labels[0] if len(labels) == 1 else labels} but prompt {prompt!r} {what}; give one of "
+                            "class_label or prompt", field="class_label")
 
 
 def expand_labels(labels: tuple[int, ...], num_images: int) -> tuple[int, ...]:

@@ -2,7 +2,10 @@
 
 Each settings field ``foo_bar`` is a flag ``--foo-bar`` (booleans: ``--foo-bar/--no-foo-bar``)
 whose help is the field's description; flags override ``BITDANCE_*`` variables, which override
-the defaults. SIGTERM (or a first Ctrl-C) drains: new requests get 503, in-flight ones get
+the defaults. A model that cannot load (no such path, a missing or invalid config, a checkpoint that fails strict
+loading) is found before listening where possible (exit 2), else when the first worker fails to load it (exit 3),
+with the loader's message on stderr; ``--keep-serving-on-load-error`` stays up instead, ``/readyz`` 503 naming the
+error, and never restarts the worker. SIGTERM (or a first Ctrl-C) drains: new requests get 503, in-flight ones get
 ``drain_grace_s`` to finish, the workers get ``Shutdown``, and the process exits 0. A second
 signal exits at once.
 """
@@ -14,6 +17,7 @@ import asyncio
 import logging
 import signal
 import sys
+import typing
 from types import FrameType
 from typing import Any
 
@@ -29,10 +33,21 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _choices(annotation: Any) -> list[str] | None:
+    """The values of a ``Literal`` field (also inside ``X | None``), for ``--help`` and argparse's check."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return [str(v) for v in typing.get_args(annotation)]
+    for arg in typing.get_args(annotation):
+        if typing.get_origin(arg) is typing.Literal:
+            return [str(v) for v in typing.get_args(arg)]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bitdance serve",
-        description="Serve BitDance text-to-image over HTTP. Every flag is also a BITDANCE_<NAME> variable.",
+        description="Serve BitDance over HTTP: a text-to-image checkpoint directory, or a class-conditional "
+        "ImageNet BitDance_*.pt file (--model). Every flag is also a BITDANCE_<NAME> variable.",
     )
     for name, field in Settings.model_fields.items():
         env = f"BITDANCE_{name.upper()}"
@@ -44,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
             )
         else:
-            parser.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=name.upper(), help=help_text)
+            choices = _choices(field.annotation)
+            parser.add_argument(
+                _flag(name),
+                dest=name,
+                default=argparse.SUPPRESS,
+                metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                choices=choices,
+                help=help_text,
+            )
     return parser
 
 
@@ -64,10 +87,15 @@ def serve_main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"bitdance serve: invalid setting {loc}: {err['msg']}\n")
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, load_error = _resolve_model(settings)
+    if load_error is not None and not settings.keep_serving_on_load_error:
+        sys.stderr.write(f"bitdance serve: cannot serve the model: {load_error}\n")
+        return 2
 
     from server.app import create_app
 
     app = create_app(settings)
+    app.state.pool.load_error = load_error
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -78,6 +106,8 @@ def serve_main(argv: list[str] | None = None) -> int:
         lifespan="on",
     )
     server = DrainingServer(config, app)
+    if not settings.keep_serving_on_load_error:
+        app.state.pool.on_load_error = server.stop_on_load_error
     logger.info(
         "serving %s on http://%s:%d (devices %s)",
         settings.resolved_model_dir(),
@@ -86,7 +116,23 @@ def serve_main(argv: list[str] | None = None) -> int:
         ",".join(settings.resolved_devices()),
     )
     server.run()
+    if server.load_error is not None:
+        sys.stderr.write(f"bitdance serve: the model could not be loaded: {server.load_error}\n")
+        return 3
     return 0 if server.started and not server.force_exit else 1
+
+
+def _resolve_model(settings: Settings) -> tuple[Settings, str | None]:
+    """``--model`` resolved (a directory holding one class-conditional ``.pt``: that file) and checked before the
+    server listens: an error here is one no restart fixes."""
+    from bitdance_core.config import CheckpointError
+    from bitdance_core.model_path import resolve_model_path
+
+    try:
+        model = resolve_model_path(settings.resolved_model_dir())
+    except CheckpointError as exc:
+        return settings, str(exc)
+    return settings.model_copy(update={"model": model}), None
 
 
 class DrainingServer(uvicorn.Server):
@@ -95,6 +141,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: Any, app: Any) -> None:
         super().__init__(config)
         self.app = app
+        self.load_error: str | None = None
         self._draining = False
         self._drain_task: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +149,11 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)
+
+    def stop_on_load_error(self, message: str) -> None:
+        """The first load failed in a way no restart fixes: stop listening and exit non-zero."""
+        self.load_error = message
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # NOTE: not recorded in _captured_signals, so uvicorn does not re-raise it after a clean exit

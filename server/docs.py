@@ -6,7 +6,8 @@ Prometheus text). :func:`install_openapi` makes the schema state the constraints
 the checkpoint (sizes, steps, guidance, images per request, prompt length) once a worker has
 reported them, so a request valid per the schema is one the server accepts. One limit cannot be
 written in JSON Schema: the prompt's length in *tokens* (``GET /info`` ``limits.max_prompt_tokens``),
-checked by the worker; it is stated in the field's description.
+checked by the worker; it is stated in the fields' descriptions and in the 422 (OpenAI: 400) each generation
+operation declares for it (``TOKEN_LIMIT_NOTE``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ ERROR_SCHEMA: dict[str, Any] = {
         }
     },
 }
+# the one limit JSON Schema cannot state: declared in the operations' 422 / 400 and the fields' descriptions
+TOKEN_LIMIT_NOTE = ("prompt or negative_prompt is over limits.max_prompt_tokens tokens (GET /info; the worker counts "
+                    "them): code invalid_request, param prompt or negative_prompt, message '<field> is N tokens long; "
+                    "at most M tokens are allowed'")
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "string"}}}
 
 
@@ -102,7 +107,8 @@ JOB_SCHEMA: dict[str, Any] = {
 COMMON_ERRORS = {
     401: _error("Missing or wrong API key (when the server has one)"),
     413: _error("Request body over the limit"),
-    422: _error("Invalid parameters (the body names the field and what is allowed)"),
+    422: _error("Invalid parameters (the body names the field and what is allowed). Also the answer to a "
+                f"schema-valid body whose {TOKEN_LIMIT_NOTE}"),
     429: _error("Queue full: retry after Retry-After seconds", headers=True),
     503: _error(
         "No worker ready, shutting down, the worker died / hung mid-request, or (several replicas) the shared "
@@ -129,7 +135,8 @@ GENERATE_DOC: dict[str, Any] = {
     }
 }
 OPENAI_ERRORS = {
-    400: _error("Invalid parameters (OpenAI error shape)"),
+    400: _error(f"Invalid parameters (OpenAI error shape). Also the answer to a schema-valid body whose "
+                f"{TOKEN_LIMIT_NOTE}"),
     401: _error("Missing or wrong API key (OpenAI error shape)"),
     404: _error("Unknown model (model_not_found)"),
     413: _error("Request body over the limit"),
@@ -168,7 +175,6 @@ JOB_CREATE_DOC: dict[str, Any] = {
 _JOB_GONE = {
     404: _error("No such job"),
     410: _error("The job's result was evicted (TTL, count or byte cap) or the job was deleted"),
-    422: _error("The id is not a job id"),
     503: _error("Several replicas: the shared queue (Redis) is unreachable (queue_unavailable)", headers=True),
 }
 JOB_GET_DOC: dict[str, Any] = {
@@ -212,6 +218,13 @@ READYZ_DOC: dict[str, Any] = {
 INFO_DOC: dict[str, Any] = {"responses": {200: _json("The served model"), 503: _error("No worker ready yet", True)}}
 MODELS_DOC: dict[str, Any] = {
     "responses": {200: _json("The served model (OpenAI list shape)"), 503: _error("No worker ready yet", True)}
+}
+MODEL_DOC: dict[str, Any] = {
+    "responses": {
+        200: _json("The served model, or one of its aliases (OpenAI model object)"),
+        404: _error("Not the served model nor an alias"),
+        503: _error("No worker ready yet", True),
+    }
 }
 
 
@@ -321,6 +334,10 @@ def patch_schema(schema: dict[str, Any], info: dict[str, Any], aliases: list[str
         mdl = _string_schema(props.get("model"))
         if mdl is not None:
             mdl["enum"] = [info["model"], *aliases]
+    retrieve = out.get("paths", {}).get("/v1/models/{model_id}", {}).get("get")
+    for param in (retrieve or {}).get("parameters", ()):
+        if param.get("name") == "model_id":  # the ids GET /v1/models/{model_id} answers with 200
+            param["schema"] = {**param.get("schema", {}), "enum": [info["model"], *aliases]}
     return out
 
 

@@ -48,6 +48,8 @@ STATUS_BY_CODE: dict[str, int] = {
     "not_acceptable": 406,
     "model_not_found": 404,
     "job_not_found": 404,
+    "not_found": 404,  # no such route
+    "method_not_allowed": 405,
     "job_expired": 410,
     "no_generator": 501,
     "unsupported_media_type": 415,  # a tokenizer-only server (a lone autoencoder --model) asked to generate
@@ -192,8 +194,44 @@ def count_rejection(metrics: Any, method: str, path: str, code: str) -> None:
         metrics.rejected.labels(reason).inc()
 
 
+def _unparsable_body(cause: BaseException | None) -> APIError:
+    """A body FastAPI could not parse: too deeply nested for the JSON parser, or not UTF-8."""
+    if isinstance(cause, RecursionError):
+        message = ("request body nests JSON arrays/objects too deeply to parse (no parameter here nests more than "
+                   "two levels)")
+    elif isinstance(cause, UnicodeError):
+        message = "request body is not UTF-8 encoded JSON"
+    else:
+        message = f"request body cannot be parsed as JSON ({type(cause).__name__ if cause else 'unknown error'})"
+    return APIError(ErrorCode.INVALID.value, message, field="body")
+
+
+# pydantic's names of union members in an error's loc ("class_label.int"): not part of the client's field name
+_UNION_MEMBERS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean",
+                  "list[int]": "a list of integers", "list[str]": "a list of strings", "none": "null"}
+
+
+def _union_error(errors: list[Any]) -> tuple[str, str] | None:
+    """(field, message) when every error is about one union-typed field, told by its members' names."""
+    locs = [tuple(str(p) for p in e.get("loc", ()) if p != "body") for e in errors]
+    if len(locs) < 2:
+        return None
+    depth = next((i for i in range(min(map(len, locs))) if len({loc[i] for loc in locs}) > 1), None)
+    if depth is None or not all(loc[depth] in _UNION_MEMBERS for loc in locs):
+        return None
+    field = ".".join(locs[0][:depth]) or "body"
+    members = " or ".join(dict.fromkeys(_UNION_MEMBERS[loc[depth]] for loc in locs))
+    message = f"{field} must be {members}"
+    with contextlib.suppress(TypeError, ValueError, KeyError):
+        message += f" (got {json.dumps(errors[0]['input'])[:80]})"
+    return field, message
+
+
 def _describe_validation(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
+    union = _union_error(list(errors))
+    if union is not None:
+        return APIError(ErrorCode.INVALID.value, union[1], field=union[0])
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) if loc else "body"
@@ -241,9 +279,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):
-            # NOTE: FastAPI's answer to a body it cannot decode at all (not UTF-8): a bad body like any other
-            err = APIError(ErrorCode.INVALID.value, "request body is not UTF-8 encoded JSON", field="body")
-            return await _api_error(request, err)
+            # NOTE: FastAPI's answer to a body it cannot parse at all; the cause says why
+            return await _api_error(request, _unparsable_body(exc.__cause__))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         err = APIError(code, str(exc.detail))
         headers = dict(getattr(exc, "headers", None) or {})

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bitdance_core.cpu_threads import thread_env, usable_cpus
 from bitdance_core.engine.engine_config import DEFAULTS as ENGINE
 from bitdance_core.engine.protocol import WorkerConfig
 
@@ -120,6 +121,11 @@ class Settings(BaseSettings):
     )
     restart_backoff_s: float = Field(
         1.0, ge=0, description="First delay before restarting a dead worker (doubles while it keeps failing)."
+    )
+    keep_serving_on_load_error: bool = Field(
+        False,
+        description="A model that cannot load (no such path, a bad config or checkpoint) keeps the server up with "
+        "/readyz 503 naming the error, instead of exiting non-zero; never a restart loop.",
     )
 
     # --- HTTP ----------------------------------------------------------------------------------
@@ -243,14 +249,12 @@ class Settings(BaseSettings):
 
     def worker_env(self, device: str) -> dict[str, str]:
         """Environment a worker process needs before torch loads (OpenMP reads it once, at start)."""
-        if device != "cpu" or self.omp_wait_policy == "default":
-            return {}
-        return {"OMP_WAIT_POLICY": self.omp_wait_policy.upper()}
+        return thread_env(self.omp_wait_policy) if device == "cpu" else {}
 
     def worker_configs(self) -> list[WorkerConfig]:
         devices = self.resolved_devices()
         n_cpu = sum(1 for d in devices if d == "cpu")
-        threads = self.threads or (max(1, usable_cpus() // n_cpu) if n_cpu else None)
+        threads = self.threads or (max(1, usable_cpus() // n_cpu) if n_cpu else None)  # bitdance_core.cpu_threads
         return [
             WorkerConfig(
                 model_dir=self.resolved_model_dir(),
@@ -275,52 +279,6 @@ class Settings(BaseSettings):
             )
             for i, dev in enumerate(devices)
         ]
-
-
-def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
-    """CPUs this process may really use: its affinity mask, capped by a cgroup v2 ``cpu.max`` quota
-    (rounded down, at least 1). ``os.cpu_count()`` counts the host's, which oversubscribes a
-    container with a CPU limit or a ``taskset``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = _cgroup_quota(cgroup_root)
-    if quota is not None:
-        cpus = min(cpus, max(1, int(quota)))
-    return max(1, cpus)
-
-
-def _cgroup_quota(root: str) -> float | None:
-    """``quota / period`` from ``cpu.max`` of this process's cgroup (v2), or None when unlimited."""
-    paths = []
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    paths.append(os.path.join(root, line.strip()[3:].lstrip("/"), "cpu.max"))
-    except OSError:
-        pass
-    paths.append(os.path.join(root, "cpu.max"))
-    try:  # cgroup v1
-        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
-            quota_us = int(f.read())
-        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
-            period_us = int(f.read())
-        if quota_us > 0 and period_us > 0:
-            return quota_us / period_us
-    except (OSError, ValueError):
-        pass
-    for path in paths:
-        try:
-            with open(path) as f:
-                quota, period = f.read().split()[:2]
-        except (OSError, ValueError):
-            continue
-        if quota == "max":
-            return None
-        return int(quota) / int(period)
-    return None
 
 
 def _list_gpus() -> int:

@@ -25,6 +25,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bitdance_core.engine.protocol import (
@@ -111,6 +112,8 @@ class WorkerPool:
         self._rr = 0
         self.drain = DrainMeter()  # completions: Retry-After of a full queue
         self.shared_waiting: object = None  # with a shared queue: () -> its length, the waiting gauge
+        self.load_error: str | None = None  # a load error no restart fixes: no (re)spawn, /readyz names it
+        self.on_load_error: Callable[[str], None] | None = None  # `bitdance serve` exits unless told to keep serving
         metrics.bind_gauges(
             running=lambda: sum(1 for st in self.requests.values() if st.started),
             waiting=lambda: self.shared_waiting() if callable(self.shared_waiting) else self.num_waiting,
@@ -123,6 +126,9 @@ class WorkerPool:
         # NOTE: runs before multiprocessing's own exit hook, which would join (forever) workers that
         # were never told to stop, e.g. after a forced exit that skipped the lifespan shutdown.
         atexit.register(self._kill_all)
+        if self.load_error is not None:  # found before start-up: no worker could ever load it
+            logger.error("not starting workers: %s", self.load_error)
+            return
         for w in self.workers:
             self._spawn(w)
         self._loop.call_later(self._watch_interval, self._watchdog)
@@ -231,6 +237,9 @@ class WorkerPool:
         self.metrics.kv_usage.labels(str(w.index)).set(0)
         if self.closed:
             return
+        if self.load_error is not None:  # a permanent load error: a restart would fail the same way
+            w.state = "failed"
+            return
         w.deaths_before_ready = 0 if was_ready else w.deaths_before_ready + 1
         delay = min(MAX_BACKOFF_S, self.settings.restart_backoff_s * 2 ** max(0, w.deaths_before_ready - 1))
         logger.error("worker %d (pid %s) exited with %s; restarting in %.1fs", w.index, w.process.pid, exitcode, delay)
@@ -306,6 +315,11 @@ class WorkerPool:
         elif isinstance(msg, WorkerFatal):
             logger.error("worker %d fatal: %s", w.index, msg.message)
             w.state = "dead"
+            if getattr(msg, "permanent", False) and not w.ready and self.load_error is None:
+                w.state, self.load_error = "failed", msg.message
+                logger.error("the model cannot load; no restarts (%s)", msg.message)
+                if self.on_load_error is not None:
+                    self.on_load_error(msg.message)
             self._fail_all(w, ErrorCode.WORKER_DIED.value, f"model worker {w.index} failed: {msg.message}")
             self._loop.call_later(10.0, self._check_exited, w, gen)  # type: ignore[union-attr]
         else:
@@ -383,6 +397,8 @@ class WorkerPool:
             raise APIError(ErrorCode.SHUTTING_DOWN.value, "the server is shutting down; no new requests")
         ready = [w for w in self.workers if w.ready]
         if not ready:
+            if self.load_error is not None:
+                raise APIError("not_ready", f"the model could not be loaded: {self.load_error}")
             raise APIError("not_ready", "no model worker is ready (starting or restarting); retry shortly")
         n = len(self.workers)
         self._rr += 1

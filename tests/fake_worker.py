@@ -14,7 +14,8 @@ Knobs (environment, inherited by the spawned process):
 It sends ``Heartbeat`` from its loop like the real worker (with its own cancel / freed-row counts).
 Special prompts: ``__crash__`` kills the process (exit 1) when the request starts running,
 ``__fatal__`` sends ``WorkerFatal`` and exits 1, ``__hang__`` never finishes. A prompt of more
-than ``max_prompt_tokens`` words fails as the first event (``invalid_request``, field prompt).
+than ``max_prompt_tokens`` words (or such a negative prompt) fails as the first event (``invalid_request``, the
+real worker's message, field prompt / negative_prompt).
 """
 
 from __future__ import annotations
@@ -119,6 +120,13 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
     def emit(rid: str, kind: EventKind, data: dict[str, Any]) -> None:
         outbox.put(RequestEvent(rid, kind, data))
 
+    def _too_many_tokens(req: Any) -> tuple[str, str] | None:
+        limit = LIMITS["max_prompt_tokens"]
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if text is not None and (n := len(text.split())) > limit:
+                return name, f"{name} is {n} tokens long; at most {limit} tokens are allowed"
+        return None
+
     def fail(rid: str, code: ErrorCode, message: str, **extra: Any) -> None:
         emit(rid, EventKind.FAILED, {"code": code.value, "message": message, **extra})
 
@@ -128,13 +136,8 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
             req = msg.request
             if stopping is not None:
                 fail(req.request_id, ErrorCode.SHUTTING_DOWN, "worker is shutting down")
-            elif len(req.prompt.split()) > LIMITS["max_prompt_tokens"]:
-                fail(
-                    req.request_id,
-                    ErrorCode.INVALID,
-                    f"prompt is {len(req.prompt.split())} tokens, at most {LIMITS['max_prompt_tokens']}",
-                    field="prompt",
-                )
+            elif too_long := _too_many_tokens(req):  # the real worker's check and message (words as tokens)
+                fail(req.request_id, ErrorCode.INVALID, too_long[1], field=too_long[0])
             elif len(waiting) >= config.max_waiting:
                 fail(req.request_id, ErrorCode.QUEUE_FULL, "waiting queue is full")
             else:

@@ -75,6 +75,62 @@ def test_output_paths():
     assert cli.output_paths("a/b.png", 1) == [Path("a/b.png")]
     assert cli.output_paths("a/b.png", 3) == [Path("a/b-0.png"), Path("a/b-1.png"), Path("a/b-2.png")]
     assert cli.output_paths("out", 1) == [Path("out.png")]
+    assert cli.output_paths("a/b.jpg", 2) == [Path("a/b-0.jpg"), Path("a/b-1.jpg")]
+    with pytest.raises(cli.CLIError, match=r"\.gif.*\.png, \.jpg, \.jpeg, \.webp"):
+        cli.output_paths("b.gif", 1)
+
+
+def test_output_suffix_picks_the_format(tmp_path, capsys):
+    for name, fmt in (("x.jpg", "JPEG"), ("y.webp", "WEBP"), ("z.JPEG", "JPEG")):
+        assert cli.main([*GEN, "--seed", "1", "--output", str(tmp_path / name), "--no-progress"]) == 0
+        assert Image.open(tmp_path / name).format == fmt, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.jpg", "y.webp", "z.JPEG"]  # not x.jpg.png
+    assert cli.main([*GEN, "--output", str(tmp_path / "w.gif")]) == 2  # refused before the model loads
+    assert "not an image format" in capsys.readouterr().err and not (tmp_path / "w.gif").exists()
+
+
+def test_generate_applies_the_servers_cpu_thread_policy(tmp_path):
+    """The CLI's threads, OpenMP wait policy and inter-op threads are the server's (one shared function), set
+    before torch loads; --threads overrides the count."""
+    code = f"""
+import json, os, sys
+from bitdance_core import cli
+from bitdance_core.cpu_threads import usable_cpus
+base = {GEN!r} + ["--no-progress", "--seed", "1"]
+assert "torch" not in sys.modules
+assert cli.main([*base, "--output", {str(tmp_path / "a.png")!r}]) == 0
+import torch
+first = (torch.get_num_threads(), torch.get_num_interop_threads(), os.environ.get("OMP_WAIT_POLICY"), usable_cpus())
+assert cli.main([*base, "--threads", "1", "--output", {str(tmp_path / "b.png")!r}]) == 0
+print(json.dumps([*first, torch.get_num_threads()]))
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("OMP_", "MKL_"))}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    threads, interop, wait, usable, forced = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (threads, interop, wait, forced) == (usable, 1, "PASSIVE", 1)
+    assert "no longer applies" not in r.stderr  # the wait policy was in place before torch loaded
+    assert cli.main(["generate", "--prompt", "x", "--threads", "0", "--output", str(tmp_path / "c.png")]) == 2
+
+
+def test_help_names_choices_and_describes_every_option():
+    r = subprocess.run([sys.executable, "-m", "bitdance_core.cli", "generate", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert "Generate images in this process" in r.stdout and "{float32,bfloat16,float16}" in r.stdout
+    assert "--threads N" in r.stdout and "OUT.jpg" in r.stdout
+    parser = cli._build_parser()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            if action.option_strings and sub.add_help:
+                assert action.help, (sub.prog, action.option_strings)
+    from server.cli import build_parser
+
+    serve = build_parser()
+    assert "text-to-image only" not in serve.description and "class-conditional" in serve.description
+    choices = {a.dest: a.choices for a in serve._actions}
+    assert list(choices["quantize"]) == ["none", "int8", "fp8"] and "bfloat16" in choices["dtype"]
+    assert list(choices["attention_backend"]) == ["auto", "sdpa", "xformers"]
+    assert all(a.help for a in serve._actions)
 
 
 def test_bad_size_is_a_clear_error(tmp_path, capsys):

@@ -176,7 +176,9 @@ def test_preview_cadence(model):
     assert img.dtype == np.uint8 and img.shape[-1] == 3
     kinds = [e.kind for e in events["p"]]
     assert kinds[:2] == [EventKind.QUEUED, EventKind.STARTED]
-    assert kinds.count(EventKind.PROGRESS) == 15
+    progress = [e.data for e in events["p"] if e.kind is EventKind.PROGRESS]
+    assert [d["step"] for d in progress] == list(range(1, 17))  # the last patch too: 16/16, then completed
+    assert progress[-1]["total_steps"] == 16 and kinds[-2] is EventKind.PROGRESS
 
 
 @pytest.mark.parametrize("method", ["full", "linear"])

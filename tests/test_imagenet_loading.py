@@ -4,6 +4,7 @@ discovery, strict keys naming the tensor, architecture resolution order, and the
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import shutil
 from pathlib import Path
@@ -165,3 +166,17 @@ def test_resolution_order():
     cfg = resolve_config(Path("BitDance_B_4x.pt"), state, {"model": "BitDance-B", "n_head": 6}, vae, "ae",
                          model_args=ARGS)  # the JSON beats args and the file name
     assert cfg.n_head == 4 and cfg.sources["n_head"].startswith("--model-args")
+
+
+def test_parallel_mode_null_is_fine_for_1x_and_refused_where_it_matters(tmp_path):
+    """A 1x model's arguments hold "parallel_mode": null (the 1x scripts have no such argument)."""
+    doc = tmp_path / "args.json"
+    doc.write_text(json.dumps({"args": {"parallel_mode": None}}))
+    state, vae = _meta_state("imagenet-b-1x")
+    cfg = resolve_config(Path("BitDance_B_1x.pt"), state, None, vae, "ae", model_args=doc)
+    assert cfg.parallel_num == 1 and cfg.parallel_mode == "patch"
+    state, vae = _meta_state("imagenet-b-4x")
+    with pytest.raises(CheckpointError, match=r"parallel_mode null.*parallel_num=4.*'patch', 'standard'"):
+        resolve_config(Path("BitDance_B_4x.pt"), state, None, vae, "ae", model_args=doc)
+    doc.write_text(json.dumps({"args": {"parallel_mode": "standard"}}))  # given: taken as said
+    assert resolve_config(Path("BitDance_B_4x.pt"), state, None, vae, "ae", model_args=doc).parallel_mode == "standard"

@@ -104,6 +104,7 @@ def test_streaming_previews(srv):
     ({"class_label": 1, "width": 512, "height": 512}, "size"),
     ({"class_label": 1, "negative_prompt": "blur"}, "negative_prompt"),
     ({"class_label": "1"}, "class_label"),
+    ({"class_label": 1, "prompt": "tench"}, "class_label"),  # two classes (1 is goldfish): both fields named
 ])
 def test_invalid_requests_are_422_naming_the_field(srv, body, field):
     with srv.client() as cl:
@@ -111,8 +112,9 @@ def test_invalid_requests_are_422_naming_the_field(srv, body, field):
     assert r.status_code == 422, r.text
     text = json.dumps(r.json())
     assert field in text
-    if field == "prompt":
-        assert "class_label" in text  # says how to give a label
+    assert r.json()["error"]["field"] == field, text  # as the client sent it (not "class_label.int")
+    if field == "prompt" or "prompt" in body:
+        assert "class_label" in text and "prompt" in r.json()["error"]["message"]  # says how to give a label
 
 
 def test_text_to_image_server_refuses_class_label():

@@ -384,6 +384,51 @@ def test_openai_client_errors(srv: LiveServer) -> None:
     srv.wait_ready(30)
 
 
+def test_openai_models_retrieve_partial_format_and_unknown_routes(srv: LiveServer, client: httpx.Client) -> None:
+    oc = OpenAI(base_url=srv.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    model = srv.info()["model"]
+    got = oc.models.retrieve(model)
+    assert got.id == model and got.object == "model" and got.owned_by == "bitdance"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        oc.models.retrieve("dall-e-3")
+    # partial images say the format of their own bytes (the fake worker's previews are PNG), not the final one's
+    events = list(oc.images.generate(prompt="a", size="128x64", stream=True, partial_images=2, output_format="jpeg"))
+    partial, done = events[:-1], events[-1]
+    assert partial and all(e.type == "image_generation.partial_image" for e in partial)
+    for e in partial:
+        fmt = Image.open(io.BytesIO(decode_b64(e.b64_json))).format
+        assert e.output_format == fmt.lower() == "png", (e.output_format, fmt)
+    assert done.output_format == "jpeg" and Image.open(io.BytesIO(decode_b64(done.b64_json))).format == "JPEG"
+    # unknown routes and wrong methods: client errors in OpenAI's shape, on the OpenAI paths and elsewhere
+    for method, path, status in [("GET", "/v1/nope", 404), ("GET", "/nope", 404),
+                                 ("GET", "/v1/images/generations", 405), ("DELETE", "/generate", 405)]:
+        r = client.request(method, path)
+        err = r.json()["error"]
+        assert r.status_code == status and err["type"] == "invalid_request_error", (path, r.text)
+        assert set(err) >= {"message", "type", "param", "code"}
+    with pytest.raises(openai.NotFoundError):
+        oc.get("/nope", cast_to=object)
+
+
+def test_unclear_inputs_get_answers_that_name_the_real_problem(client: httpx.Client) -> None:
+    for bad in ("not-a-job", "0" * 31, "A" * 32, "g" * 32, "a b"):  # malformed ids are unknown jobs, as the README says
+        r = client.get(f"/v1/jobs/{bad}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found", (bad, r.text)
+        assert client.delete(f"/v1/jobs/{bad}").status_code == 404
+    deep = client.post("/generate", content=b"[" * 3000, headers={"Content-Type": "application/json"})
+    err = deep.json()["error"]
+    assert deep.status_code == 422 and err["field"] == "body" and "deeply" in err["message"], deep.text
+    assert "UTF-8" not in err["message"]
+    latin = client.post("/generate", content='{"prompt": "caf\xe9"}'.encode("latin-1"),
+                        headers={"Content-Type": "application/json"})
+    assert latin.status_code == 422 and "UTF-8" in latin.json()["error"]["message"], latin.text
+    # a union-typed field is named as the client sent it, with what it may be
+    r = client.post("/generate", json={"prompt": "a", "class_label": "1"})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["field"] == "class_label" and err["param"] == "class_label", r.text
+    assert "an integer or a list of integers" in err["message"] and "class_label.int" not in r.text
+
+
 def test_second_signal_forces_exit_and_kills_workers() -> None:
     server = LiveServer("--devices", "cpu", "--drain-grace-s", "60")
     try:

@@ -168,6 +168,10 @@ def test_openai_client(srv: LiveServer) -> None:
     kinds = [e.type for e in events]
     assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
     assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    for e in events[:2]:  # previews are JPEG, whatever the final format: the event says so
+        assert e.output_format == "jpeg" and decode_b64(e.b64_json)[:3] == b"\xff\xd8\xff"
+    assert events[-1].output_format == "png"
+    assert client.models.retrieve(srv.info()["model"]).id == srv.info()["model"]
     assert _png(events[-1].b64_json).size == (128, 128) and events[-1].size == "128x128"
 
 
@@ -201,7 +205,7 @@ def test_job_end_to_end_and_delete(srv: LiveServer, endless: dict[str, Any]) -> 
         assert events[0][0] == "queued" and events[-1] == ("completed", body["result"])
         progress = [d for k, d in events if k == "progress"]
         patches = (64 // 16) ** 2 // srv.info()["parallel_num"]
-        assert progress[-1]["patches"] == patches and progress[-1]["diffusion_steps"] == 2
+        assert progress[-1]["patches"] == progress[-1]["patch"] == patches and progress[-1]["diffusion_steps"] == 2
         # the same image as /generate with the same inputs
         direct = c.post("/generate", json={"prompt": "a job", "seed": 9, **FAST}).json()
         assert _png(direct["images"][0]["b64_json"]).tobytes() == img.tobytes()

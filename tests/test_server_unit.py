@@ -247,3 +247,30 @@ def test_openapi_condition_fields_follow_the_served_kind():
     assert valid(cc, {"class_label": 3}) and valid(cc, {"class_label": [1, 2]}) and valid(cc, {"prompt": "goldfish"})
     assert not valid(cc, {}) and not valid(cc, {"class_label": 1000}) and not valid(cc, {"prompt": "a dog"})
     assert not valid(cc, {"class_label": 1, "negative_prompt": "x"})
+
+
+CLASS_INFO = {"kind": "class-conditional", "num_classes": 1000, "defaults": {"cfg_schedule": "linear"}}
+
+
+@pytest.mark.parametrize("label, prompt, ok", [
+    (0, "tench", True),  # the prompt names the same class: fine
+    (0, "Tench ", True),
+    ([0, 0], "tench", True),
+    (1, "tench", False),  # class 1 is goldfish
+    ([0, 1], "tench", False),
+    (0, "a fish", False),  # not a class name at all
+])
+def test_class_label_with_a_prompt_must_name_the_same_class(label, prompt, ok) -> None:
+    from server.class_params import class_params
+
+    def call():
+        return class_params(CLASS_INFO, prompt=prompt, negative_prompt=None, class_label=label, num_images=None,
+                            num_images_field="num_images", cfg_schedule=None)
+
+    if ok:
+        assert set(call()[1]) == {0}
+        return
+    with pytest.raises(APIError) as e:
+        call()
+    assert e.value.status == 422 and e.value.field == "class_label"
+    assert "class_label" in e.value.message and "prompt" in e.value.message and repr(prompt) in e.value.message

@@ -196,13 +196,12 @@ class Engine:
     def _update(self, running: list[RequestState], events: list[EngineEvent], phases: dict) -> None:
         t0 = self._tick()
         finished = [st for st in running if st.step == st.total_steps]
+        for st in running:  # every patch, the last one included (patch N/N, then completed)
+            events.append(EngineEvent(st.id, EventKind.PROGRESS, {"step": st.step, "total_steps": st.total_steps}))
+            if st.step < st.total_steps and st.preview_every > 0 and st.step % st.preview_every == 0:
+                events.append(self._preview(st))
         if finished:
             events.extend(self._finish(finished))
-        for st in running:
-            if st.step < st.total_steps:
-                events.append(EngineEvent(st.id, EventKind.PROGRESS, {"step": st.step, "total_steps": st.total_steps}))
-                if st.preview_every > 0 and st.step % st.preview_every == 0:
-                    events.append(self._preview(st))
         phases["decode"] = sum(e.data.get("decode_s", 0.0) for e in events if e.kind is EventKind.COMPLETED)
         phases["preview"] = self._tick() - t0 - phases["decode"]
 

@@ -169,6 +169,7 @@ class Heartbeat:
 class WorkerFatal:
     worker_index: int
     message: str
+    permanent: bool = False  # a load error no restart can fix (a CheckpointError): the pool does not restart it
 
 
 # ``completed`` event data, documented here because both sides rely on it:

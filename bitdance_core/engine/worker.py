@@ -149,20 +149,14 @@ def _watch_parent() -> None:
 
 def build_engine(config: WorkerConfig):
     """Load the model and build a warmed-up engine (also used by benchmarks in-process)."""
-    import torch
-
     from .. import attention
+    from ..cpu_threads import apply_thread_policy
     from ..serving_config import ServingConfig
     from ..weights import load_model
     from .engine import Engine
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    if getattr(config, "interop_threads", None):
-        try:
-            torch.set_num_interop_threads(config.interop_threads)
-        except RuntimeError:  # already set (in-process benchmarks): keep what runs
-            logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
+    if config.threads:  # a CPU worker: the CPU thread policy (its OMP_WAIT_POLICY came with its environment)
+        apply_thread_policy(config.threads, getattr(config, "interop_threads", None), wait_policy=None)
     attention.set_backend(config.attention_backend)
     from ..diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
 
@@ -213,7 +207,8 @@ def worker_main(config: WorkerConfig, inbox, outbox) -> None:
         tokenizer = _tokenizer_for(engine) if config.tokenizer else None
     except Exception as e:  # noqa: BLE001 - report any load failure to the parent, then exit non-zero
         logger.exception("worker %d failed to start", config.worker_index)
-        outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}"))
+        permanent = isinstance(e, ValueError)  # CheckpointError, a bad option: the same on every restart
+        outbox.put(WorkerFatal(config.worker_index, f"failed to load {config.model_dir}: {e}", permanent=permanent))
         sys.exit(1)
     out = _Output(outbox, engine.model.config.name, config.worker_index)
     out.send(WorkerReady(config.worker_index, {**engine.info(), "quantize": engine.model.quantize,

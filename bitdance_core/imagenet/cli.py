@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+import time
 
 from ..config import CheckpointError
 from ..serving_config import InvalidRequest
@@ -61,6 +62,7 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
             bar.total = total
             bar.update(step - bar.n)
 
+    t0 = time.perf_counter()
     try:
         out = pipe(labels, seed=seed, steps=steps, guidance_scale=guidance, cfg_schedule=schedule, callback=progress)
     except InvalidRequest as e:
@@ -68,10 +70,10 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
     finally:
         if bar is not None:
             bar.close()
+    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)
 
-    from PIL.PngImagePlugin import PngInfo
-
-    from ..png_metadata import image_parameters, png_text
+    from ..cli import save_image
+    from ..png_metadata import image_parameters
 
     names = class_names() if cfg.num_classes == 1000 else None
     paths = output_paths(args.output, len(labels))
@@ -81,9 +83,6 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
             prompt=names[labels[i]] if names else "", negative_prompt=None, seed=out.seed, steps=steps,
             guidance_scale=guidance, width=cfg.image_size, height=cfg.image_size, model=cfg.name, index=i,
             num_images=len(labels), class_label=labels[i], cfg_schedule=schedule)
-        info = PngInfo()
-        for key, value in png_text(params).items():
-            info.add_text(key, value)
-        img.save(path, pnginfo=info)
+        save_image(img, path, params)
         print(f"saved: {path}", flush=True)
     return 0

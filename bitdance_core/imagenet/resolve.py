@@ -8,7 +8,9 @@
 4. the tensor shapes (dims, layer and block counts, ``parallel_num`` from ``query_token``, ``cls_token_num`` and
    ``num_classes`` from ``cls_embedding``, the image size from ``pos_for_diff``, the autoencoder's ddconfig).
 
-A field takes the first source that knows it; fields the official argparse defaults fix (``parallel_mode``
+A field takes the first source that knows it (``"parallel_mode": null``, what a 1x model's arguments hold, is
+"not known": fine for a 1x model, an error naming the field for a parallel one); fields the official argparse
+defaults fix (``parallel_mode``
 ``patch``, ``time_shift`` 1, ``down_size`` 16, ``patch_size`` 1) fall back to them. The attention head count is
 the one field shapes cannot tell: it comes from a source above or, when ``dim`` and ``n_layer`` are an official
 preset's, from that preset; otherwise the error names ``--model-args``. Contradictions between sources surface
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config import CheckpointError
-from .config import FILE_NAME, PRESETS, RELEASED_GUIDANCE, ClassModelConfig
+from .config import FILE_NAME, PARALLEL_MODES, PRESETS, RELEASED_GUIDANCE, ClassModelConfig
 
 ARCH = ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers")
 ARGS = ("latent_dim", "cls_token_num", "num_classes", "parallel_num", "parallel_mode", "image_size", "down_size",
@@ -131,9 +133,12 @@ def resolve_config(ckpt_path: Path, state: dict[str, torch.Tensor], ckpt_args: d
                 ("tensor shapes", from_shapes(state))]
     fields: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    null_mode = None  # where "parallel_mode": null came from (the 1x scripts have no such argument)
     for where, f in sources:
         for k, v in f.items():
-            if k not in fields:
+            if k == "parallel_mode" and v is None:
+                null_mode = null_mode or where
+            elif k not in fields:
                 fields[k], origin[k] = v, where
     if "n_head" not in fields:
         match = [n for n, p in PRESETS.items()
@@ -143,6 +148,10 @@ def resolve_config(ckpt_path: Path, state: dict[str, torch.Tensor], ckpt_args: d
     for k, v in OFFICIAL_DEFAULTS.items():
         if k not in fields:
             fields[k], origin[k] = v, "official default"
+    if null_mode and origin["parallel_mode"] == "official default" and int(fields.get("parallel_num", 1)) > 1:
+        raise CheckpointError(f"{ckpt_path.name}: {null_mode} says parallel_mode null, but this model predicts "
+                              f"parallel_num={fields['parallel_num']} tokens per step, where the mode matters: set "
+                              f"\"parallel_mode\" to one of {list(PARALLEL_MODES)} (the official default: \"patch\")")
     missing = [k for k in ARCH + ARGS if k not in fields]
     if missing:
         raise CheckpointError(f"{ckpt_path.name}: cannot tell {', '.join(missing)} from its file name, args or tensor "

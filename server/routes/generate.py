@@ -43,7 +43,9 @@ def negotiate(accept: str | None) -> str:
 def model_info(request: Request) -> dict[str, Any]:
     info = request.app.state.pool.info
     if info is None:
-        raise APIError("not_ready", "no model worker is ready yet; retry shortly")
+        load_error = request.app.state.pool.load_error  # no restart fixes it: say so
+        raise APIError("not_ready", f"the model could not be loaded: {load_error}" if load_error
+                       else "no model worker is ready yet; retry shortly")
     if info.get("kind") == "tokenizer":  # a lone autoencoder --model: POST /v1/tokenize, /v1/detokenize only
         raise APIError("no_generator", f"this server serves the autoencoder {info.get('model')} only (a tokenizer "
                        "service): no generation; use POST /v1/tokenize and /v1/detokenize")

@@ -30,6 +30,8 @@ async def readyz(request: Request) -> JSONResponse:
         status = "draining"
     elif ready:
         status = "ready"
+    elif pool.load_error is not None:
+        status = "failed"  # the model cannot load; no restart will change that
     else:
         status = "starting" if all(w.restarts == 0 and w.state == "starting" for w in pool.workers) else "unavailable"
     states = [{"index": w.index, "state": w.state, "hangs": w.hangs, "restarts": w.restarts} for w in pool.workers]
@@ -39,6 +41,8 @@ async def readyz(request: Request) -> JSONResponse:
         body["redis"] = "ok" if shared.up else f"unreachable ({shared.error}); retrying"
         if not shared.up and status == "ready":
             body["status"] = status = "unavailable"
+    if status == "failed":
+        body["error"] = pool.load_error
     return JSONResponse(body, status_code=200 if status == "ready" else 503)
 
 

@@ -22,8 +22,8 @@ from server.schemas import GenerationParams
 from server.sse import job_response
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-JOB_ID = r"^[0-9a-f]{32}$"
-JobId = Annotated[str, Path(pattern=JOB_ID, description="The id from POST /v1/jobs or a stream's X-Request-ID")]
+# NOTE: no pattern on the path: a malformed id is an unknown job (404), as the README promises
+JobId = Annotated[str, Path(description="The id from POST /v1/jobs or a stream's X-Request-ID (32 hex digits)")]
 
 
 async def _lookup(request: Request, job_id: str, live: bool = False) -> Job:

@@ -1,7 +1,8 @@
-"""OpenAI-compatible ``POST /v1/images/generations`` and ``GET /v1/models``.
+"""OpenAI-compatible ``POST /v1/images/generations``, ``GET /v1/models`` and ``GET /v1/models/{id}``.
 
 Streaming follows the Images API: ``image_generation.partial_image`` events (``partial_image_index``
-0-based, at most ``partial_images`` of them) then one ``image_generation.completed`` per image,
+0-based, at most ``partial_images`` of them, each with the ``output_format`` of its own bytes: previews
+are JPEG) then one ``image_generation.completed`` per image,
 with ``type`` inside the JSON data (the official client dispatches on it). A failure is an
 ``error`` event whose data is ``{"type": "error", "error": {code, message}}``, which the client
 raises as ``APIError``.
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode
 from server.dispatch import canceller, submit
-from server.docs import MODELS_DOC, OPENAI_DOC
+from server.docs import MODEL_DOC, MODELS_DOC, OPENAI_DOC
 from server.errors import APIError
 from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
 from server.routes.generate import model_info
@@ -70,20 +71,25 @@ def _usage(info: dict[str, Any], height: int, width: int, n: int, data: dict[str
     }
 
 
+def _model_object(request: Request, model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": int(request.app.state.started_at), "owned_by": "bitdance"}
+
+
 @router.get("/models", **MODELS_DOC)
 async def list_models(request: Request) -> dict[str, Any]:
     info = model_info(request)
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": info["model"],
-                "object": "model",
-                "created": int(request.app.state.started_at),
-                "owned_by": "bitdance",
-            }
-        ],
-    }
+    return {"object": "list", "data": [_model_object(request, info["model"])]}
+
+
+@router.get("/models/{model_id}", **MODEL_DOC)
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    """The served model by its id or one of its aliases (``client.models.retrieve``)."""
+    info = model_info(request)
+    aliases = request.app.state.settings.model_aliases
+    if model_id not in (info["model"], *aliases):
+        raise APIError("model_not_found", f"The model {model_id!r} does not exist; this server serves "
+                       f"{info['model']!r} (aliases: {', '.join(aliases) or 'none'})", field="model")
+    return _model_object(request, model_id)
 
 
 @router.post("/images/generations", response_model=None, **OPENAI_DOC)
@@ -143,6 +149,7 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
                     "partial_image_index": sent,
                     "created_at": now,
                     **common,
+                    "output_format": data.get("format", "jpeg"),  # the preview's own encoding, not the final's
                 }
                 sent += 1
                 yield frame("image_generation.partial_image", payload)

@@ -1,0 +1,77 @@
+"""Shared pytest set-up.
+
+* OpenMP waits passively in the test process too (``bitdance_core.cpu_threads``, set before anything loads torch):
+  on a busy machine a spinning OpenMP multiplies the time of every in-process generation. Thread counts stay
+  torch's own, so results do not move.
+* In-process CLI runs apply the CPU thread policy (``torch.set_num_threads``); each test gets the session's thread
+  count back, so one test's ``--threads`` does not slow or change the next.
+* The run ends with ONE line naming every group of skipped tests and what would run it (``make test`` installs
+  what it can, e.g. Debian chromium as root).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bitdance_core.cpu_threads import thread_env
+
+for _key, _value in thread_env().items():
+    os.environ.setdefault(_key, _value)
+
+# what runs a skipped group, by marker (other skips name it in their reason)
+HOW_BY_MARKER = {
+    "browser": "Debian chromium + chromium-driver (`make test` installs them as root: apt-get install chromium "
+               "chromium-driver)",
+    "gpu": "a CUDA device",
+}
+SKIPPED = pytest.StashKey[dict]()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
+def skipped_groups(reports: list) -> dict[str, tuple[set[str], int]]:
+    """what would run them -> (test modules, number of tests), from pytest's skip reports."""
+    groups: dict[str, tuple[set[str], int]] = {}
+    for rep in reports:
+        marker = next((m for m in HOW_BY_MARKER if m in getattr(rep, "keywords", {})), None)
+        if marker is not None:
+            how = HOW_BY_MARKER[marker]
+        else:
+            reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            how = reason.removeprefix("Skipped: ")
+        module = rep.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        mods, n = groups.get(how, (set(), 0))
+        groups[how] = (mods | {module}, n + 1)
+    return groups
+
+
+def skip_line(groups: dict[str, tuple[set[str], int]]) -> str | None:
+    if not groups:
+        return None
+    parts = [f"{', '.join(sorted(mods))} ({n} test{'s' * (n != 1)}): needs {how.removeprefix('needs ')}"
+             for how, (mods, n) in sorted(groups.items(), key=lambda kv: -kv[1][1])]
+    return "SKIPPED GROUPS: " + "; ".join(parts)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    config.stash[SKIPPED] = skipped_groups(terminalreporter.stats.get("skipped", []))
+
+
+def pytest_unconfigure(config) -> None:
+    """After pytest's own summary line: the last line of the run."""
+    line = skip_line(config.stash.get(SKIPPED, {}))
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if line is not None and reporter is not None:
+        reporter.write_line(line, yellow=True)
