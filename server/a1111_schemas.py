@@ -27,9 +27,9 @@ import copy
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from server.schemas import MAX_SEED, NOT_BLANK, Int
+from server.schemas import MAX_SEED, NOT_BLANK, Int, _whole_float
 
 SAMPLER = "Euler-Maruyama"  # the diffusion head's sampler (spec: Euler-Maruyama over the flow ODE's SDE)
 EMPTY = Literal[""]
@@ -47,7 +47,7 @@ def _only(value: Any, kind: str):
 
 
 OFF = _only(False, "boolean")
-SeedInt = Annotated[Int, Field(ge=-1, le=MAX_SEED)]
+SeedInt = Annotated[int, Field(ge=-1, le=MAX_SEED), BeforeValidator(_whole_float)]  # bounds first: in the schema
 
 
 def _fixed(value: float, what: str):

@@ -212,14 +212,18 @@ def test_real_server_diffusers_checkpoint_same_images(tmp_path):
 
 
 def test_class_conditional_server_refuses(tmp_path):
-    from bitdance_core.imagenet.checkpoints import write_class_checkpoint
+    """A class-conditional diffusers folder serves (the worker dispatches it to the class loader) and the A1111
+    routes refuse it clearly."""
+    from bitdance_core.diffusers_checkpoints import write_diffusers_checkpoint
 
     if not real_worker_available():
         pytest.skip("needs the real worker")
-    ckpt = write_class_checkpoint("imagenet-tiny", tmp_path)
-    server = LiveServer("--model", str(ckpt), "--devices", "cpu", "--a1111-api", "--no-warmup", fake=False)
+    folder = write_diffusers_checkpoint("imagenet-tiny", tmp_path / "BitDance_tiny_4x")
+    server = LiveServer("--model", str(folder), "--devices", "cpu", "--a1111-api", "--no-warmup", fake=False)
     try:
         server.wait_ready(180)
+        info = server.info()
+        assert info["kind"] == "class-conditional" and info["model"] == "BitDance_tiny_4x"
         with server.client() as c:
             for method, path, body in (("post", "/sdapi/v1/txt2img", {"prompt": "otter"}),
                                        ("get", "/sdapi/v1/sd-models", None), ("get", "/sdapi/v1/options", None)):

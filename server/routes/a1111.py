@@ -53,11 +53,10 @@ PROGRESS_RESULT = {"type": "object", "required": ["progress", "eta_relative", "s
 
 
 class Tracker:
-    """The txt2img jobs still running, oldest first, and those interrupted (event-loop owned)."""
+    """The txt2img jobs still running, oldest first (event-loop owned)."""
 
     def __init__(self) -> None:
         self.jobs: list[Job] = []
-        self.interrupted: set[str] = set()
 
     def active(self) -> list[Job]:
         self.jobs = [j for j in self.jobs if not j.done]
@@ -106,16 +105,12 @@ async def txt2img(body: Txt2ImgBody, request: Request) -> Response:
         output_format="png", preview_every=0)
     req = dataclasses.replace(req, preview_every=preview_every_for(info, req.height, req.width, PREVIEWS))
     job = await submit_job(request, req, "a1111")
-    track = tracker(request)
-    track.jobs.append(job)
+    tracker(request).jobs.append(job)
     try:
         kind, data = await wait_result(request, job.st, request.app.state.pool)
     except ClientGone:
         return Response(status_code=499)
-    if kind == "failed":
-        if job.id in track.interrupted:
-            track.interrupted.discard(job.id)
-            raise APIError(ErrorCode.CANCELLED.value, "interrupted by POST /sdapi/v1/interrupt", counted=True)
+    if kind == "failed":  # an interrupt is a cancel with its own message (499 cancelled)
         raise APIError.from_failed(data)
     n, seed = len(data["images"]), int(data["seed"])
     texts = [infotext(image_parameters(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
@@ -180,9 +175,8 @@ async def interrupt(request: Request) -> dict[str, Any]:
     Requests of the other routes are not touched."""
     active = tracker(request).active()
     if active:
-        job = active[0]
-        tracker(request).interrupted.add(job.id)
-        request.app.state.pool.cancel(job.st, ErrorCode.CANCELLED.value, "interrupted by POST /sdapi/v1/interrupt")
+        request.app.state.pool.cancel(active[0].st, ErrorCode.CANCELLED.value,
+                                      "interrupted by POST /sdapi/v1/interrupt")
     return {}
 
 
