@@ -30,21 +30,25 @@ def test_429_retry_after_is_the_measured_queue_drain() -> None:
                      env={"FAKE_WORKER_STEP_S": "0.05"})  # fmt: skip
     try:
         srv.wait_ready(60)
-        with srv.client() as c, ThreadPoolExecutor(3) as ex:
+        with srv.client() as c, ThreadPoolExecutor(4) as ex:
             first = list(ex.map(lambda _: c.post("/generate", json=SLOW), range(3)))
-            assert sorted(r.status_code for r in first) == [200, 200, 429]
-            unmeasured = next(r for r in first if r.status_code == 429)
-            assert unmeasured.headers["retry-after"] == "1"  # nothing had finished: the constant
+            codes = sorted(r.status_code for r in first)
+            assert 200 in codes and 429 in codes and set(codes) == {200, 429}, codes
+            # nothing had finished when these were refused: no measurement, the constant
+            assert {r.headers["retry-after"] for r in first if r.status_code == 429} == {"1"}
             t0 = time.monotonic()
             assert c.post("/generate", json=SLOW).status_code == 200
             per_request = time.monotonic() - t0
             time.sleep(0.3)  # the worker has dropped the finished one too
-            futures = [ex.submit(c.post, "/generate", json=SLOW) for _ in range(2)]
-            time.sleep(0.5)  # one runs, one waits
-            full = c.post("/generate", json=SLOW)
-            assert [f.result().status_code for f in futures] == [200, 200]
-        assert full.status_code == 429
-        # 3 completions over about 2 request times; 1 waiting + this one: about 2 request times
-        assert int(full.headers["retry-after"]) >= max(2, int(per_request)), (full.headers, per_request)
+            futures = []
+            for _ in range(4):  # one runs, one waits, the rest are refused
+                futures.append(ex.submit(c.post, "/generate", json=SLOW))
+                time.sleep(0.3)
+            later = [f.result() for f in futures]
+        refused = [r for r in later if r.status_code == 429]
+        assert refused and any(r.status_code == 200 for r in later), [r.status_code for r in later]
+        # two completions over about two request times: (waiting + 1) x half a request time or more, never 1
+        waits = [int(r.headers["retry-after"]) for r in refused]
+        assert min(waits) >= max(2, int(per_request) // 2), (waits, per_request)
     finally:
         srv.kill()
