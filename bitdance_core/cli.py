@@ -194,7 +194,9 @@ def _generate(args: argparse.Namespace) -> int:
             args.model = resolve_model_path(args.model)
         except CheckpointError as e:
             raise CLIError(f"cannot load {args.model}: {e}") from e
-    if args.model and Path(args.model).is_file():
+    from .diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
+
+    if args.model and checkpoint_layout(args.model) in (CLASS_PT, CLASS_DIFFUSERS):  # .pt or a diffusers folder
         from .imagenet.cli import generate_class_conditional
 
         return generate_class_conditional(args, CLIError, output_paths)

@@ -72,3 +72,18 @@ def test_class_label_on_a_text_to_image_model(tmp_path, capsys):
 def test_unknown_preset_lists_the_imagenet_ones(tmp_path, capsys):
     assert cli.main(["make-checkpoint", "--preset", "imagenet-x", "--output", str(tmp_path)]) == 2
     assert "imagenet-b-4x" in capsys.readouterr().err
+
+
+def test_generate_from_a_diffusers_folder_gives_the_pt_image(ckpt, tmp_path):
+    """``bitdance generate --model <ImageNet diffusers folder>`` is the class-conditional path, and its image
+    equals the one of the official ``.pt`` with the same weights."""
+    folder = tmp_path / "diffusers"
+    assert cli.main(["make-checkpoint", "--preset", "imagenet-tiny", "--layout", "diffusers",
+                     "--output", str(folder)]) == 0
+    outs = []
+    for model, name in ((folder, "d.png"), (ckpt, "o.png")):
+        argv = ["generate", "--model", str(model), "--class-label", "5", "--seed", "3", "--steps", "2",
+                "--output", str(tmp_path / name), "--no-progress"]
+        assert cli.main(argv) == 0
+        outs.append(np.asarray(Image.open(tmp_path / name).convert("RGB")))
+    assert np.array_equal(outs[0], outs[1])
