@@ -117,6 +117,9 @@ class SharedRunner:
             except (RedisError, OSError) as exc:
                 self._down(exc)
                 await asyncio.sleep(0.5)
+            except Exception:  # a bug or a job it cannot read must not stop this replica's pulling
+                logger.exception("shared queue: pulling failed; going on")
+                await asyncio.sleep(0.5)
 
     async def _take(self, qid: str, job_id: str, reason: str) -> None:
         res = await self.s["TAKE"](
@@ -135,7 +138,13 @@ class SharedRunner:
             self._queue(Write(job_id, int(res[1]), "failed", rs.encode({"code": ErrorCode.WORKER_DIED.value,
                                                                         "message": msg}), "failed"))  # fmt: skip
             return
-        req = request_from_json(res[1])
+        try:
+            req = request_from_json(res[1])
+        except (TypeError, ValueError) as exc:  # e.g. written by a newer version during a rolling update
+            msg = f"this replica cannot read the stored request: {exc}"
+            self._queue(Write(job_id, attempt, "failed", rs.encode({"code": ErrorCode.INTERNAL.value, "message": msg}),
+                              "failed"))  # fmt: skip
+            return
         try:
             st = self.pool.submit(req)
         except APIError as exc:  # no worker ready after all: the lease runs out, another replica takes it
@@ -215,6 +224,9 @@ class SharedRunner:
                 self._down(exc)
                 await asyncio.sleep(0.5)
                 continue
+            except Exception:  # a write Redis cannot take (a bug): drop this batch, never stop writing
+                logger.exception("shared queue: %d event write(s) dropped", len(batch))
+                results = [None] * len(batch)
             for w, res in zip(batch, results, strict=True):
                 if isinstance(res, Exception):
                     logger.error("writing %s of job %s failed: %s", w.kind, w.job_id, res)
@@ -251,6 +263,8 @@ class SharedRunner:
                         break
             except (RedisError, OSError) as exc:
                 self._down(exc)
+            except Exception:  # never let the lease loop die: running jobs would lose their leases
+                logger.exception("shared queue: lease renewal / reclaim failed; going on")
 
     async def _renew(self) -> None:
         items = list(self.local.items())
@@ -280,4 +294,7 @@ class SharedRunner:
                                 self.pool.cancel(run.st, code, message)
             except (RedisError, OSError) as exc:
                 self._down(exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # a malformed message: drop it, keep listening
+                logger.exception("shared queue: cancel message failed; going on")
                 await asyncio.sleep(0.5)
