@@ -308,3 +308,26 @@ def test_cuda_graphs_setting_is_validated_and_reported(model):
     with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
         Engine(model, EngineConfig(cuda_graphs="yes"))
     assert Engine(model, EngineConfig(cuda_graphs="auto")).info()["cuda_graphs"] is False  # CPU: never
+
+
+def test_an_out_of_memory_in_a_capture_goes_to_the_fault_ladder(model):
+    """A capture's OOM is not a reason to turn graphs off: the step's requests fail with out_of_memory, the
+    admission limit drops, graphs stay on and the next request is captured and served."""
+    engine = _standin_engine(model)
+    real = engine.runner.graphs.backend
+
+    class OomOnce:
+        def capture(self, fn, restore, names):
+            self.capture = real.capture
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    engine.runner.graphs.backend = OomOnce()
+    req = GenerationRequest("a", "a red circle", 64, 64, seed=1, steps=2, guidance_scale=4.0, preview_every=0)
+    failed = []
+    engine.add_request(req)
+    while engine.has_work():
+        failed += [ev for ev in engine.step() if ev.kind is EventKind.FAILED]
+    assert [ev.data["code"] for ev in failed] == ["out_of_memory"]
+    assert engine.scheduler.max_batch_requests < 4 and engine.runner.use_graphs and not engine.runner.graphs.failed
+    want = _run(Engine(model, EngineConfig(max_batch_requests=4)), [dataclasses.replace(req, request_id="b")])
+    assert torch.equal(_run(engine, [dataclasses.replace(req, request_id="b")])["b"], want["b"])
