@@ -290,14 +290,14 @@ class Runner:
 
     def _run_head(self, steps: int, Hb: int, Sb: int, noise: torch.Tensor, capture_only: bool = False):
         sch, t_emb = self._schedule(steps)
-        key, keep = ("head", steps, Hb, Sb), {"schedule": sch, "time_table": t_emb, "noise": noise}
+        key = ("head", steps, Hb, Sb)
 
         def fn():
             return self._sample_fn(steps, Hb, Sb, sch, t_emb, noise)
 
         if capture_only:
-            return self.graphs.capture(key, fn, keep)
-        return self.graphs.run(key, fn, keep)
+            return self.graphs.capture(key, fn, self._graph_keep(key))
+        return self._replay(key, fn)
 
     def _sample_fn(self, steps: int, Hb: int, Sb: int, sch: Schedule, t_emb: torch.Tensor,
                    noise: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,7 @@ class Runner:
         self.buf.active[:R].copy_(to_device(active, dev))
         if self.use_graphs or dev.type == "cuda":  # the same shapes with graphs on and off: same kernels, same bits
             key_len = min(-(-key_len // KEY_BUCKET) * KEY_BUCKET, cache.max_len)
-        self.graphs.run(("prior", R, key_len), lambda: self._prior_fn(R, key_len), save=self._save_starts)
+        self._replay(("prior", R, key_len), lambda: self._prior_fn(R, key_len))
 
     def _prior_fn(self, R: int, key_len: int) -> None:
         f, b = self.family, self.buf
@@ -337,6 +337,19 @@ class Runner:
         out = f.prior(emb, f.prior.plan_step(self.cache, b, R, key_len))
         self.hidden[:R].copy_(out)
         b.starts[:R].add_(b.active[:R] * b.block)
+
+    def _replay(self, key: tuple, fn):
+        """``fn()`` through the graph of ``key`` (``GraphSet.run``: replayed, captured now, or eager). The one
+        seam every graphed call goes through (the memory plan wraps it to measure the graphs' pool)."""
+        return self.graphs.run(key, fn, self._graph_keep(key), None if key[0] == "head" else self._save_starts)
+
+    def _graph_keep(self, key: tuple) -> dict:
+        """What the graph of ``key`` reads that only it must keep alive (the head's: its step count's schedule,
+        time table and noise buffer; the prior's reads only the runner's persistent buffers)."""
+        if key[0] != "head":
+            return {}
+        sch, t_emb = self._schedule(key[1])
+        return {"schedule": sch, "time_table": t_emb, "noise": self._noise_for(key[1])}
 
     def _save_starts(self):
         """A run that is not the real one (a capture's warm-up) must not advance the lengths."""
