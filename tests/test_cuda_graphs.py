@@ -120,3 +120,76 @@ def test_off_or_no_backend_runs_eagerly():
     assert not GraphSet(CPU, False, 4).enabled
     with pytest.raises(ValueError, match="max_cuda_graphs"):
         GraphSet(CPU, True, -1, RecordingBackend())
+
+
+class _FakeCuda:
+    """What ``CudaGraphBackend`` may call on ``torch.cuda``, recorded (a CPU build has no CUDA)."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.capturing = False
+        cuda = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = device
+                cuda.calls.append(f"Stream({device})")
+
+            def wait_stream(self, other):
+                cuda.calls.append("wait_stream")
+
+        class CUDAGraph:
+            def capture_begin(self, pool=None, capture_error_mode="global"):
+                cuda.calls.append(f"capture_begin({pool})")
+                cuda.capturing = True
+
+            def capture_end(self):
+                cuda.calls.append("capture_end")
+                cuda.capturing = False
+
+            def replay(self):
+                cuda.calls.append("replay")
+
+        self.Stream, self.CUDAGraph = Stream, CUDAGraph
+
+    def install(self, monkeypatch):
+        import contextlib as cl
+        import gc as gc_mod
+
+        monkeypatch.setattr(torch.cuda, "Stream", self.Stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", self.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool0")
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.Stream(f"current {device}"))
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: cl.nullcontext(self.calls.append("stream ctx")))
+        for name in ("synchronize", "empty_cache"):
+            monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, **k: self.calls.append(_n))
+        monkeypatch.setattr(gc_mod, "collect", lambda *a: self.calls.append("gc.collect"))
+
+
+def test_the_cuda_backend_warms_then_captures_into_one_pool_without_gc_or_empty_cache(monkeypatch):
+    from bitdance_core.engine.cuda_graphs import CudaGraphBackend
+
+    fake = _FakeCuda()
+    fake.install(monkeypatch)
+    dev = torch.device("cuda:1")
+    backend = CudaGraphBackend(dev)
+    runs = []
+    s = GraphSet(dev, True, 4, backend)
+    for key in ("a", "b"):
+        s.run((key,), lambda: runs.append(fake.capturing) or torch.ones(1),
+              save=lambda: lambda: fake.calls.append("restore"))
+    assert runs == [False, True, False, True]  # a warm run outside the capture, then the captured one
+    assert fake.calls.count("capture_begin(pool0)") == 2 and fake.calls.count("replay") == 2  # one shared pool
+    assert not {"gc.collect", "empty_cache", "synchronize"} & set(fake.calls)
+    assert "Stream(cuda:1)" in fake.calls  # the side stream is the worker's device's
+    first = fake.calls.index("capture_begin(pool0)")
+    assert "restore" in fake.calls[:first]  # the warm run's side effects undone before the capture
+
+    def boom():
+        if fake.capturing:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.ones(1)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        s.run(("c",), boom)
+    assert not fake.capturing, "a failed capture was not ended"

@@ -18,6 +18,7 @@ replays the recorded kernels on the recorded storages as a GPU does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -59,8 +60,11 @@ class CudaGraphBackend:
                 graph.capture_begin(pool=self.pool)
                 try:
                     out = fn()
-                finally:
-                    graph.capture_end()
+                except BaseException:
+                    with contextlib.suppress(Exception):  # end the failed capture; its error would hide the cause
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
         finally:
             cur.wait_stream(self.stream)
         return graph, out
