@@ -50,8 +50,10 @@ def run(model, reqs) -> dict[str, dict]:
     return out
 
 
-def measure(model_dir: Path = FIXTURE, device: str = "cpu") -> dict:
-    reqs = golden_requests(model_dir)
+def measure(model_dir: Path = FIXTURE, device: str = "cpu", cases: list[int] | None = None,
+            invariance: bool = True) -> dict:
+    """``cases``: these golden cases only (indices); ``invariance``: also the bf16 alone-vs-mixed run."""
+    reqs = [r for i, r in enumerate(golden_requests(model_dir)) if cases is None or i in cases]
     fp32, bf16 = load_model(model_dir, device, "float32"), load_model(model_dir, device, "bfloat16")
     P = fp32.config.parallel_num
     cases = []
@@ -65,6 +67,8 @@ def measure(model_dir: Path = FIXTURE, device: str = "cpu") -> dict:
                       "first_step_bits": float((ta[:, :P] == tb[:, :P]).float().mean()),
                       "image_bits": float((ta == tb).float().mean()),
                       "image_mean_abs": float(np.abs(ia - ib).mean()), "image_max_abs": float(np.abs(ia - ib).max())})
+    if not invariance:
+        return {"device": device, "cases": cases}
     extra = GenerationRequest("extra", "an extra request sharing the batch", 64, 64, seed=99, steps=6,
                               guidance_scale=5.0, num_images=2, preview_every=0)
     mixed = run(bf16, [*reqs, extra])

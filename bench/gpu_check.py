@@ -6,18 +6,25 @@
 
 Rows (check, measured, target, verdict PASS / FAIL / INFO / SKIP):
 
-1. bf16 vs fp32 on the golden fixture (``bench_bf16.measure``): token bits at the first AR step;
+1. bf16 vs fp32 on the golden fixture (``bench_bf16.measure``): token bits at the first AR step (``--smoke``:
+   the first case);
 2. xformers vs SDPA: the fixture's requests through each backend (SKIP without xformers);
 3. sync-free warm steps: ``torch.cuda.set_sync_debug_mode("error")`` around the runner's warm steps
    (on CPU the dispatch-mode proxy: ``aten.item`` / ``_local_scalar_dense`` / device-to-host copies fail);
-4. CUDA graphs on == off: the fixture's requests, token for token (on CPU both run eager);
+4. CUDA graphs on == off: the fixture's requests, token for token, an engine with graphs on (FAIL when no
+   graph was captured or a capture failed) against one with graphs off; on CPU "on" is the recording stand-in
+   (``recorded_graph.py``: the recorded kernels replayed on the captured storages);
 5. ``bench_gpu.measure`` on random 14B-64x weights: batch-1 latency against the bandwidth floor
    (target <= 1.3x) and images/s at 16 concurrent against the bf16 compute ceiling (target >= 50%);
 6. memory: the peak allocated during the 16-request run against the plan's prediction for the same
    engine (``memory_plan.measure_peaks``): the plan must not be below it (on CPU: the live bytes of the
    real run against the fake one);
 7. ``--quantize int8`` and ``fp8`` (issue #12): the same measure with the prior quantised, batch-1 latency and
-   throughput next to the bf16 rows (INFO; fp8 is skipped, with the device's capability, where unsupported).
+   throughput next to the bf16 rows (INFO; fp8 is skipped, with the device's capability, where unsupported);
+8. class-conditional models (``gpu_check_class.py``): bf16 vs fp32 on their golden fixture, B-4x images/s at 8
+   and 64 concurrent against the official-style batch sampler on the same random weights, H-1x batch-1 latency.
+
+A row whose target cannot be judged here says SKIP or INFO, never PASS.
 
 Exit status 1 when a row FAILs.
 """
@@ -38,10 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_bf16  # noqa: E402
 import bench_gpu  # noqa: E402
+import gpu_check_class  # noqa: E402
 
 from bitdance_core import attention  # noqa: E402
 from bitdance_core.engine.engine import Engine, EngineConfig  # noqa: E402
 from bitdance_core.engine.protocol import EventKind  # noqa: E402
+from bitdance_core.engine.recorded_graph import RecordingBackend  # noqa: E402
 from bitdance_core.weights import load_model  # noqa: E402
 
 FIXTURE = bench_bf16.FIXTURE
@@ -58,8 +67,8 @@ class _NoHostSync(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _tokens(model, reqs, **cfg) -> dict:
-    engine = Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), **cfg))
+def _tokens(model, reqs, engine: Engine | None = None, **cfg) -> dict:
+    engine = engine or Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), **cfg))
     out = {}
     for r in reqs:
         engine.add_request(r)
@@ -76,8 +85,8 @@ def _agreement(a: dict, b: dict) -> float:
     return min(float((a[k] == b[k]).float().mean()) for k in a)
 
 
-def check_bf16(device: str) -> tuple:
-    res = bench_bf16.measure(FIXTURE, device)
+def check_bf16(device: str, smoke: bool = False) -> tuple:
+    res = bench_bf16.measure(FIXTURE, device, cases=[1] if smoke else None, invariance=False)  # smoke: the cheapest
     first = min(c["first_step_bits"] for c in res["cases"])
     image = min(c["image_bits"] for c in res["cases"])
     return ("bf16 vs fp32 (fixture)", f"step-0 bits {first:.4f}, image bits {image:.4f}", "step-0 bits >= 0.95",
@@ -142,14 +151,19 @@ def check_sync(device: str, warm_steps: int = 4) -> tuple:
 
 
 def check_graphs(device: str) -> tuple:
+    """An engine with graphs on (on CPU: the recording stand-in) against one with graphs off."""
     model = load_model(FIXTURE, device, None)
     reqs = bench_bf16.golden_requests(FIXTURE)
-    on, off = _tokens(model, reqs, cuda_graphs="on"), _tokens(model, reqs, cuda_graphs="off")
-    same = all(torch.equal(on[k], off[k]) for k in on)
-    measured = f"{sum(torch.equal(on[k], off[k]) for k in on)}/{len(on)} requests identical"
-    if device == "cpu":
-        return "CUDA graphs on == off", measured + " (cpu: both eager)", "identical", "INFO" if same else "FAIL"
-    return "CUDA graphs on == off", measured, "identical", "PASS" if same else "FAIL"
+    engine = Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="on"))
+    if engine.device.type != "cuda":
+        engine.runner.set_graph_backend(RecordingBackend())
+    on, off = _tokens(model, reqs, engine), _tokens(model, reqs, cuda_graphs="off")
+    g = engine.runner.graphs
+    same = sum(torch.equal(on[k], off[k]) for k in on)
+    measured = (f"{same}/{len(on)} requests identical; {g.captures} graphs captured, {len(g.failed)} failed"
+                + (" (cpu: the recording stand-in)" if engine.device.type != "cuda" else ""))
+    ok = same == len(on) and g.captures > 0 and not g.failed
+    return "CUDA graphs on == off", measured, "identical, all captured", "PASS" if ok else "FAIL"
 
 
 def check_bench(args) -> tuple[list[tuple], dict]:
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "14b-64x", "bfloat16", "1024x1024", 50, 7.5, [1, 16])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     t0 = time.perf_counter()
-    rows = [check_bf16(args.device), check_attention(args.device), check_sync(args.device),
+    rows = [check_bf16(args.device, args.smoke), check_attention(args.device), check_sync(args.device),
             check_graphs(args.device)]
     bench_rows, out = check_bench(args)
     rows += bench_rows
@@ -257,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     bf16_engine, out["engine"] = out.pop("engine"), None
     del bf16_engine  # free the bf16 model before the quantised ones are built
     rows += check_quantize(args, out)
+    rows.append(gpu_check_class.check_bf16(args.device, args.smoke))
+    rows += gpu_check_class.check_throughput(args.device, args.dtype, args.smoke)
+    rows.append(gpu_check_class.check_latency(args.device, args.dtype, args.smoke))
     elapsed = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"device": args.device, "elapsed_s": elapsed,

@@ -50,8 +50,9 @@ def time_increments(steps: int, time_shift: float = 1.0, device=None) -> torch.T
     return t[1:] - t[:-1]
 
 
-@functools.lru_cache(maxsize=64)
-def schedule(steps: int, time_shift: float, device: str) -> Schedule:
+def make_schedule(steps: int, time_shift: float, device: str) -> Schedule:
+    """A new schedule; its owner keeps it alive (a CUDA graph that reads it must own it: the engine's
+    runner does not use the cache of :func:`schedule`, whose entries can be freed at any time)."""
     dts = time_increments(steps, time_shift, device=device)
     t = torch.tensor(0.0, device=device, dtype=torch.float32)
     ts, dt, omt, var, ns, den = [], [], [], [], [], []
@@ -66,6 +67,12 @@ def schedule(steps: int, time_shift: float, device: str) -> Schedule:
     ts.append(final)
     den.append((1 - final).clamp_min(LAST_STEP))
     return Schedule(tuple(ts), tuple(dt), tuple(omt), tuple(var), tuple(ns), tuple(den))
+
+
+@functools.lru_cache(maxsize=64)
+def schedule(steps: int, time_shift: float, device: str) -> Schedule:
+    """:func:`make_schedule`, cached for eager callers (the single-request pipeline)."""
+    return make_schedule(steps, time_shift, device)
 
 
 def _guided_velocity(v: torch.Tensor, n: int, cfg_idx, g: torch.Tensor | None, all_cfg: bool) -> torch.Tensor:

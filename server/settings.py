@@ -93,6 +93,12 @@ class Settings(BaseSettings):
         ENGINE.cuda_graphs,  # type: ignore[arg-type]
         description="CUDA graphs for the head's sampler loop and the prior step: auto (on for CUDA), on, off.",
     )
+    max_cuda_graphs: int = Field(
+        ENGINE.max_cuda_graphs,
+        ge=0,
+        description="CUDA graphs captured while serving, beyond those of the warm-up (default step count, every "
+        "batch bucket): least recently used first out; 0 = other keys run without a graph.",
+    )
     sizes: Annotated[list[str], NoDecode] | None = Field(
         None,
         description="Allowed sizes as 'WxH', comma-separated; default: the checkpoint's size policy.",
@@ -269,6 +275,7 @@ class Settings(BaseSettings):
                 kv_budget_bytes=self.kv_budget_bytes,
                 preview_every=self.preview_every,
                 cuda_graphs=self.cuda_graphs,
+                max_cuda_graphs=self.max_cuda_graphs,
                 sizes=self.sizes_hw(),
                 warmup=self.warmup,
                 worker_index=i,

@@ -28,35 +28,68 @@ def _qkv(b=2, lq=5, lk=9, h=4, hkv=2, d=16, seed=0, device="cpu", dtype=torch.fl
     return (t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
-def _reference(q, k, v, mask=None, causal=False):
-    h, hkv = q.shape[2], k.shape[2]
-    k = k.repeat_interleave(h // hkv, dim=2).float()
-    v = v.repeat_interleave(h // hkv, dim=2).float()
-    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) / math.sqrt(q.shape[-1])
-    lq, lk = q.shape[1], k.shape[1]
+def _reference(q, k, v, mask=None, causal=False, scale=None):
+    """Plain attention, independent of every backend: a loop over query heads (GQA: head h reads kv head
+    h // (H / Hkv)), float64 matmuls, masked scores at -inf, an explicit softmax."""
+    b, lq, h, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    allowed = torch.ones(b, 1, lq, lk, dtype=torch.bool, device=q.device)
     if causal:
-        s = s.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq), float("-inf"))
+        allowed = allowed & torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+        allowed = allowed & (mask[:, None] if mask.dim() == 3 else mask)
+    out = torch.empty(b, lq, h, d, dtype=torch.float64, device=q.device)
+    for head in range(h):
+        kv = head // (h // hkv)
+        s = (q[:, :, head].double() @ k[:, :, kv].double().transpose(1, 2)) * scale  # (b, lq, lk)
+        s = s.masked_fill(~allowed[:, 0].expand(b, lq, lk), float("-inf"))
+        p = (s - s.amax(-1, keepdim=True)).exp()
+        out[:, :, head] = (p / p.sum(-1, keepdim=True)) @ v[:, :, kv].double()
+    return out.to(q.dtype)
+
+
+def _masks(kind: str, b: int, lq: int, lk: int):
+    g = torch.Generator().manual_seed(3)
+    if kind == "dense":
+        m = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+    elif kind == "dense_3d":
+        m = torch.rand(b, lq, lk, generator=g) > 0.3
+    elif kind == "per_row_keys":  # the engine's block step: one key length per row, (R, 1, 1, Lk)
+        m = torch.arange(lk)[None, None, None, :] < torch.randint(1, lk + 1, (b,), generator=g)[:, None, None, None]
+    else:
+        return None
+    m[..., 0] = True  # every query sees at least one key
+    return m.to(DEVICE)
+
+
+def test_the_reference_is_not_vacuous():
+    """The reference sees a change of any input, of the mask and of the GQA head grouping."""
+    q, k, v = _qkv(hkv=2)
+    ref = _reference(q, k, v)
+    assert not torch.allclose(ref, _reference(q, k, v, mask=_masks("per_row_keys", 2, 5, 9).cpu()), atol=1e-3)
+    k2 = torch.cat([k[:, :, 1:], k[:, :, :1]], dim=2)  # swap the kv heads: another grouping
+    assert not torch.allclose(ref, _reference(q, k2, v), atol=1e-3)
+    plain = torch.einsum("bhqk,bkhd->bqhd", torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2))
+                         .div(4.0).softmax(-1), v.repeat_interleave(2, 2))
+    torch.testing.assert_close(ref, plain, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("backend", AVAILABLE)
-@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
-def test_backend_matches_reference(backend, hkv):
+@pytest.mark.parametrize("hkv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "dense", "dense_3d", "per_row_keys", "per_row_keys_causal"])
+def test_backend_matches_reference(backend, hkv, mask_kind):
     attn.set_backend(backend)
-    q, k, v = _qkv(hkv=hkv, device=DEVICE)
-    torch.testing.assert_close(attn.attention(q, k, v), _reference(q, k, v), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(
-        attn.attention(q, k, v, causal=True), _reference(q, k, v, causal=True), atol=1e-5, rtol=1e-4
-    )
-    mask = torch.rand(2, 1, 5, 9, generator=torch.Generator().manual_seed(3)) > 0.3
-    mask[..., 0] = True  # every query sees at least one key
-    mask = mask.to(DEVICE)
-    torch.testing.assert_close(attn.attention(q, k, v, mask=mask), _reference(q, k, v, mask=mask), atol=1e-5, rtol=1e-4)
+    q, k, v = _qkv(b=3, hkv=hkv, device=DEVICE)
+    mask, causal = _masks(mask_kind.removesuffix("_causal"), 3, 5, 9), mask_kind.endswith("causal")
+    for scale in (None, 0.3):
+        torch.testing.assert_close(attn.attention(q, k, v, mask=mask, causal=causal, scale=scale),
+                                   _reference(q, k, v, mask=mask, causal=causal, scale=scale), atol=1e-5, rtol=1e-4)
 
 
-def test_all_available_backends_agree_on_a_head():
+def test_all_available_backends_match_the_reference_in_a_head(monkeypatch):
+    from bitdance_core.models import diffusion_head
+
     cfg = dict(ch_target=16, ch_cond=64, ch_latent=256, depth_latent=2, depth_adanln=1, use_swiglu=True)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -69,8 +102,11 @@ def test_all_available_backends_agree_on_a_head():
         attn.set_backend(backend)
         with torch.no_grad():
             outs[backend] = head(x, t, c)
+    monkeypatch.setattr(diffusion_head, "attention", lambda q, k, v: _reference(q, k, v))
+    with torch.no_grad():
+        want = head(x, t, c)
     for backend, out in outs.items():
-        torch.testing.assert_close(out, outs["sdpa"], atol=1e-5, rtol=1e-4, msg=f"{backend} vs sdpa")
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4, msg=f"{backend} vs the reference")
 
 
 def test_set_backend_validates_and_resets():
@@ -110,6 +146,8 @@ def test_gqa_is_bit_exact_and_never_repeats_kv(mask_kind, monkeypatch):
     monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
     got = attn.attention(q, k, v, causal=causal, mask=m)
     assert torch.equal(got, want)
+    monkeypatch.undo()
+    torch.testing.assert_close(got, _reference(q, k, v, causal=causal, mask=m), atol=1e-5, rtol=1e-4)
 
 
 def test_folded_gqa_with_per_row_key_mask_matches_reference():

@@ -23,11 +23,17 @@ def test_gpu_check_smoke_prints_every_row_and_passes():
     rows = {row["check"].split(" (")[0]: row for row in json.loads(r.stdout)["rows"]}
     assert set(rows) == {"bf16 vs fp32", "xformers vs SDPA", "no host sync in warm steps", "CUDA graphs on == off",
                          "batch-1 latency", "throughput at 2 concurrent", "peak memory vs bitdance plan",
-                         "int8 vs bf16", "fp8 vs bf16"}
-    assert rows["no host sync in warm steps"]["verdict"] == "PASS"
-    assert rows["peak memory vs bitdance plan"]["verdict"] == "PASS"
-    assert rows["bf16 vs fp32"]["verdict"] == "PASS"
-    assert rows["CUDA graphs on == off"]["measured"].startswith("3/3")
+                         "int8 vs bf16", "fp8 vs bf16", "class-conditional bf16 vs fp32",
+                         "class throughput at 2 concurrent", "class batch-1 latency"}
+    for name in ("no host sync in warm steps", "peak memory vs bitdance plan", "bf16 vs fp32", "CUDA graphs on == off",
+                 "class-conditional bf16 vs fp32"):
+        assert rows[name]["verdict"] == "PASS", rows[name]
+    graphs = rows["CUDA graphs on == off"]["measured"]
+    assert graphs.startswith("3/3") and "recording stand-in" in graphs and " 0 graphs" not in graphs
+    assert "0 failed" in graphs  # graphs really on (the stand-in), against graphs off
+    for name in ("batch-1 latency", "throughput at 2 concurrent", "class throughput at 2 concurrent",
+                 "class batch-1 latency"):
+        assert rows[name]["verdict"] == "INFO", rows[name]  # no target can be judged on a CPU: never PASS
     assert rows["int8 vs bf16"]["measured"].startswith("batch-1 ")  # int8 ran next to the unquantised run
     assert "compute capability" in rows["fp8 vs bf16"]["measured"]  # fp8: skipped with the reason on CPU
 
@@ -53,3 +59,32 @@ def test_the_sync_check_fails_on_a_sync(monkeypatch):
     torch.set_num_threads(1)
     row = gpu_check.check_sync("cpu", warm_steps=1)
     assert row[3] == "FAIL" and "host sync" in row[1]
+
+
+def test_the_graphs_row_compares_graphs_on_with_off(monkeypatch):
+    """The on == off row fails when graphs-on differs from graphs-off and when no graph was captured."""
+    import gpu_check
+    import torch
+
+    from bitdance_core.engine.recorded_graph import RecordedGraph, RecordingBackend
+
+    torch.set_num_threads(1)
+    real = RecordedGraph.replay
+
+    def corrupt(self):
+        real(self)
+        for t in self._pool:
+            if t is not None and t.is_floating_point():
+                t.neg_()
+
+    monkeypatch.setattr(RecordedGraph, "replay", corrupt)
+    row = gpu_check.check_graphs("cpu")
+    assert row[3] == "FAIL" and not row[1].startswith("3/3"), row
+    monkeypatch.undo()
+
+    def no_capture(self, fn, restore, names):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(RecordingBackend, "capture", no_capture)
+    row = gpu_check.check_graphs("cpu")
+    assert row[3] == "FAIL" and row[1].startswith("3/3") and "0 graphs captured" in row[1], row

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.engine.recorded_graph import RecordingBackend
 from bitdance_core.imagenet.checkpoints import write_class_checkpoint
 from bitdance_core.imagenet.family import NULL_KEY
 from bitdance_core.imagenet.loader import load_class_model
@@ -78,16 +79,26 @@ def test_golden_alone(model, golden):
         assert_case(results[f"case{i}"], golden, i)
 
 
-def test_golden_mixed_with_other_class_requests(model, golden):
+def make_engine(model, graphs: str, **cfg) -> Engine:
+    """``graphs="standin"``: CUDA graphs on, on CPU, through the recording stand-in (recorded_graph.py)."""
+    engine = Engine(model, EngineConfig(**cfg))
+    if graphs == "standin":
+        engine.runner.set_graph_backend(RecordingBackend())
+    return engine
+
+
+@pytest.mark.parametrize("graphs", ["eager", "standin"])
+def test_golden_mixed_with_other_class_requests(model, golden, graphs):
     """The three golden cases share steps with requests of other labels, seeds, step counts, guidance and
     schedules, some joining mid-run; every one equals its single-request pipeline result."""
     others = [request("o1", [207, 360], seed=3, steps=5, guidance=3.0, schedule="constant"),
               request("o2", [999], seed=11, steps=4, guidance=1.0),
               request("o3", [1, 1], seed=0, steps=8, guidance=4.0)]
     late = [case_request(2, "late2"), request("o4", [42], seed=9, steps=3, guidance=2.0)]
-    engine = Engine(model, EngineConfig(max_batch_requests=8))
+    engine = make_engine(model, graphs, max_batch_requests=8)
     results, _, batches = run(engine, [case_request(0), case_request(1), *others], join={5: late})
     assert max(batches) >= 5
+    assert graphs == "eager" or (engine.runner.graphs.captures and not engine.runner.graphs.failed)
     assert_case(results["case0"], golden, 0)
     assert_case(results["case1"], golden, 1)
     assert_case(results["late2"], golden, 2)
@@ -163,12 +174,13 @@ def test_previews_and_cancel(model):
     assert engine.scheduler.used_rows == 0
 
 
-def test_next_token_model_in_the_engine(tmp_path):
+@pytest.mark.parametrize("graphs", ["eager", "standin"])
+def test_next_token_model_in_the_engine(tmp_path, graphs):
     """The 1x code path (256 AR steps of one token, MlpEncoder head): batched == single."""
     model = load_class_model(write_class_checkpoint("imagenet-tiny-1x", tmp_path, seed=0), "cpu")
     reqs = [request("a", [5, 998], seed=7, steps=2, guidance=3.0), request("b", [12], seed=1, steps=3, guidance=1.5,
                                                                            schedule="constant")]
-    results, _, _ = run(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
+    results, _, _ = run(make_engine(model, graphs, max_batch_requests=4), reqs)
     pipe = ClassConditionalPipeline(model)
     for r in reqs:
         want = pipe(list(r.class_label), seed=r.seed, steps=r.steps, guidance_scale=r.guidance_scale,

@@ -4,6 +4,7 @@ buckets and the CUDA-graph setting."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from bitdance_core.engine import runner as runner_mod
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.engine.recorded_graph import RecordedGraph, RecordingBackend
 from bitdance_core.models import qwen3
 from bitdance_core.sampling import binarize, euler_maruyama
 from bitdance_core.weights import load_model
@@ -200,58 +202,99 @@ def test_row_buckets_and_cuda_graph_setting(monkeypatch):
     assert b[:5] == [1, 2, 4, 8, 16] and b[-1] == 100 and b == sorted(set(b))
     assert all(y <= 2 * x for x, y in zip(b, b[1:]))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
     assert not runner_mod.graphs_enabled("auto", cpu) and runner_mod.graphs_enabled("auto", cuda)
+    assert not runner_mod.graphs_enabled("off", cuda) and runner_mod.graphs_enabled("ON", cuda)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        runner_mod.graphs_enabled("sometimes", cpu)
+
+
+def test_the_cuda_graphs_setting_has_one_owner(monkeypatch):
+    """``BITDANCE_CUDA_GRAPHS`` is read once, by the server's settings, into the worker's EngineConfig; the
+    runner never reads the environment, so an explicit argument (gpu_check's on/off rows) is what runs."""
+    from server import cli
+
+    cuda = torch.device("cuda")
+    monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "off")
+    assert runner_mod.graphs_enabled("on", cuda) and runner_mod.graphs_enabled("auto", cuda)
+    monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "on")
     assert not runner_mod.graphs_enabled("off", cuda)
     monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "off")
-    assert not runner_mod.graphs_enabled("auto", cuda)
-    monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "sometimes")
-    with pytest.raises(ValueError, match="cuda_graphs"):
-        runner_mod.graphs_enabled("auto", cpu)
+    monkeypatch.setenv("BITDANCE_MAX_CUDA_GRAPHS", "3")
+    cfg = cli.parse_settings([]).worker_configs()[0].engine_config()
+    assert cfg.cuda_graphs == "off" and cfg.max_cuda_graphs == 3
+    cfg = cli.parse_settings(["--cuda-graphs", "on", "--max-cuda-graphs", "0"]).worker_configs()[0].engine_config()
+    assert cfg.cuda_graphs == "on" and cfg.max_cuda_graphs == 0
 
 
-def test_graph_capture_and_replay_bookkeeping_with_a_stand_in_graph(model, monkeypatch):
-    """On CPU: a stand-in graph that, like a CUDA graph, replays the function captured for a key
-    against whatever the persistent buffers hold now (and writes into the output captured first)
-    gives the eager tokens, with padded key lengths; one capture per (kind, bucket)."""
+def _standin_engine(model, **cfg):
+    engine = Engine(model, EngineConfig(**{"max_batch_requests": 4, **cfg}))
+    engine.runner.set_graph_backend(RecordingBackend())
+    return engine
+
+
+def test_graphs_through_the_recording_stand_in_give_the_eager_tokens(model, monkeypatch):
+    """Graphs "on" on CPU with the recording stand-in (kernels replayed on the captured storages, no Python
+    re-run): the eager tokens bit for bit, with padded key lengths; one capture per key, replays after it."""
     reqs = _mixed_requests(steps=(3, 4))
     want = _run(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
-    engine = Engine(model, EngineConfig(max_batch_requests=4))
-    runner, keys = engine.runner, []
+    engine = _standin_engine(model, max_cuda_graphs=64)
+    engine.runner.reserve_steps(4)  # else the noise buffer grows at the first 4-step request: its graphs go
+    graphs, replays = engine.runner.graphs, []
+    real_replay = RecordedGraph.replay
 
-    class StandIn:
-        def __init__(self, fn, out):
-            self.fn, self.out = fn, out
+    def count(self):
+        replays.append(self)
+        return real_replay(self)
 
-        def replay(self):
-            r = self.fn()
-            if self.out is not None:
-                self.out.copy_(r)
-
-    def capture(fn):
-        state = runner.buf.starts.clone()
-        out = fn()  # the warm run; the capture itself runs nothing
-        runner.buf.starts.copy_(state)
-        return StandIn(fn, out), out
-
-    real_replay = runner._replay
-
-    def replay(key, fn):
-        if key not in runner._graphs:
-            keys.append(key)
-        return real_replay(key, fn)
-
-    runner.use_graphs = True
-    monkeypatch.setattr(runner, "_capture", capture)
-    monkeypatch.setattr(runner, "_replay", replay)
+    monkeypatch.setattr(RecordedGraph, "replay", count)
     got = _run(engine, reqs)
-    prior_keys = [k for k in keys if k[0] == "prior"]
-    assert len(prior_keys) == len(set(prior_keys)) and len(runner._graphs) == len(set(keys))  # head graphs are
-    # re-captured only after the noise buffer grew (a longer step count arrived)
-    assert any(k[0] == "prior" and k[2] % runner_mod.KEY_BUCKET == 0 or k[2] == engine.cache.max_len
-               for k in keys if k[0] == "prior")
     for rid in want:
         assert torch.equal(want[rid], got[rid]), rid
+    assert not graphs.failed and graphs.captures == len(graphs) and len(graphs) >= 4
+    keys = graphs.keys()
+    assert {k[0] for k in keys} == {"head", "prior"} and {k[1] for k in keys if k[0] == "head"} == {3, 4}
+    assert all(k[2] % runner_mod.KEY_BUCKET == 0 or k[2] == engine.cache.max_len for k in keys if k[0] == "prior")
+    assert len(replays) > 2 * len(keys) and len(set(map(id, replays))) == len(keys)
+
+
+def test_a_graph_owns_the_schedule_it_reads(model):
+    """Bug 3: the head's graph reads the schedule's tensors. Other step counts (64 distinct pairs, as a client
+    can send) must not free them: the same key replayed afterwards still gives the eager tokens."""
+    from bitdance_core import sampling
+
+    req = dict(prompt="a red circle", height=64, width=64, steps=3, guidance_scale=4.0, preview_every=0)
+    want = _run(Engine(model, EngineConfig(max_batch_requests=4)), [GenerationRequest("b", seed=2, **req)])
+    engine = _standin_engine(model)
+    _run(engine, [GenerationRequest("a", seed=1, **req)])  # captures ("head", 3, ...)
+    for steps in range(4, 70):  # what other requests' step counts do to a cache of 64 schedules
+        sampling.schedule(steps, 1.0, "cpu")
+        engine.runner._schedule(steps)
+    gc.collect()
+    captures = engine.runner.graphs.captures
+    got = _run(engine, [GenerationRequest("b", seed=2, **req)])
+    assert engine.runner.graphs.captures == captures, "the key was replayed, not captured again"
+    assert torch.equal(got["b"], want["b"])
+
+
+def test_undeclared_keys_are_bounded_and_declared_ones_are_captured_at_warmup(model):
+    """--max-cuda-graphs bounds the graphs of undeclared keys (LRU); warm-up captures the declared ones, and
+    a request at the default step count then captures nothing while it is served."""
+    engine = _standin_engine(model, max_cuda_graphs=2, max_batch_requests=1)
+    engine.serving = dataclasses.replace(engine.serving, default_steps=2)
+    runner = engine.runner
+    declared = runner.declared_keys([2])
+    assert ("head", 2, 1, 1) in declared and all(("prior", r, n) in declared for r in runner.buckets
+                                                 for n in runner.key_lengths())
+    assert runner.capture_declared([2]) == {"captured": len(declared), "failed": 0}
+    n = len(runner.graphs)
+    reqs = [GenerationRequest("a", "a red circle", 64, 64, seed=1, steps=2, guidance_scale=4.0, preview_every=0)]
+    want = _run(Engine(model, EngineConfig(max_batch_requests=1)), reqs)
+    assert torch.equal(_run(engine, reqs)["a"], want["a"]) and len(runner.graphs) == n
+    assert runner.graphs.captures == n, "a declared key was captured while serving"
+    for steps in (5, 4, 3):  # longest first: the second noise buffer grows once (a growth drops its graphs)
+        _run(engine, [dataclasses.replace(reqs[0], request_id=f"s{steps}", steps=steps)])
+    extra = [k for k in runner.graphs if k not in declared]
+    assert [k[1] for k in extra] == [4, 3] and len(runner.graphs) == n + 2  # the LRU kept the last two
 
 
 def test_the_sync_detector_detects():
@@ -261,8 +304,30 @@ def test_the_sync_detector_detects():
         torch.arange(4).nonzero()
 
 
-def test_cuda_graphs_setting_is_validated_and_reported(model, monkeypatch):
-    monkeypatch.delenv("BITDANCE_CUDA_GRAPHS", raising=False)
+def test_cuda_graphs_setting_is_validated_and_reported(model):
     with pytest.raises(ValueError, match="cuda_graphs must be auto, on or off"):
         Engine(model, EngineConfig(cuda_graphs="yes"))
     assert Engine(model, EngineConfig(cuda_graphs="auto")).info()["cuda_graphs"] is False  # CPU: never
+
+
+def test_an_out_of_memory_in_a_capture_goes_to_the_fault_ladder(model):
+    """A capture's OOM is not a reason to turn graphs off: the step's requests fail with out_of_memory, the
+    admission limit drops, graphs stay on and the next request is captured and served."""
+    engine = _standin_engine(model)
+    real = engine.runner.graphs.backend
+
+    class OomOnce:
+        def capture(self, fn, restore, names):
+            self.capture = real.capture
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    engine.runner.graphs.backend = OomOnce()
+    req = GenerationRequest("a", "a red circle", 64, 64, seed=1, steps=2, guidance_scale=4.0, preview_every=0)
+    failed = []
+    engine.add_request(req)
+    while engine.has_work():
+        failed += [ev for ev in engine.step() if ev.kind is EventKind.FAILED]
+    assert [ev.data["code"] for ev in failed] == ["out_of_memory"]
+    assert engine.scheduler.max_batch_requests < 4 and engine.runner.use_graphs and not engine.runner.graphs.failed
+    want = _run(Engine(model, EngineConfig(max_batch_requests=4)), [dataclasses.replace(req, request_id="b")])
+    assert torch.equal(_run(engine, [dataclasses.replace(req, request_id="b")])["b"], want["b"])

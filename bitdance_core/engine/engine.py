@@ -80,7 +80,8 @@ class Engine:
             raise RuntimeError(f"KV budget {budget} bytes is below one row "
                                f"({per_row} bytes at {self.max_seq_len} tokens)")
         self.cache = KVCache(layers, rows, self.max_seq_len, kv_heads, head_dim, prior.dtype, self.device)
-        self.runner = Runner(self.family, self.cache, self.config.cuda_graphs, self.config.prefix_cache_entries)
+        self.runner = Runner(self.family, self.cache, self.config.cuda_graphs, self.config.prefix_cache_entries,
+                             self.config.max_cuda_graphs)
         self.scheduler = Scheduler(SchedulerConfig(rows, self.max_seq_len, self.config.max_batch_requests,
                                                    self.config.max_waiting, self.config.max_prefill_rows))
         logger.info("KV cache: %d rows x %d tokens = %.1f MiB", rows, self.max_seq_len, self.cache.nbytes / 2**20)
@@ -249,7 +250,8 @@ class Engine:
         """Warm kernels and the allocator, then choose the preview method from measured costs.
 
         1) one small request end to end; 2) a default-size request at the default step count for a
-        few AR steps after its prefill (the steady-state cost of a step), then cancelled.
+        few AR steps after its prefill (the steady-state cost of a step), then cancelled; 3) with CUDA
+        graphs on, the declared graphs (``Runner.declared_keys``: the default step count, every bucket).
         """
         H, W = min(self.sizes.allowed(), key=lambda s: s[0] * s[1])
         self.add_request(self.family.example_request("__warmup__", H, W, seed=0, steps=2, guidance_scale=2.0,
@@ -268,3 +270,4 @@ class Engine:
         self.cancel("__warmup2__")
         h, w = self.sizes.grid(dh, dw)
         self.previews.choose_method(step_s, h * w // self.P, self.preview_every_for(dh, dw), h, w)
+        self.runner.capture_declared([self.serving.default_steps])  # graphs on: none captured while serving

@@ -28,6 +28,7 @@ class EngineConfig:
     prefix_cache_entries: int = 32  # unconditional prefixes kept (per size and negative prompt)
     profile: bool = False  # synchronise CUDA around phases so phase timings are exact
     cuda_graphs: str = "auto"  # auto | on | off: capture the head's sampler loop and the prior step (CUDA)
+    max_cuda_graphs: int = 16  # graphs captured beyond the declared ones (warm-up), LRU; 0: those run eagerly
     decode_batch: int = 1  # requests decoded together: bounds the decoder's full-size activations (memory plan)
 
 

@@ -197,6 +197,7 @@ class WorkerConfig:
     kv_budget_bytes: int | None = DEFAULTS.kv_budget_bytes
     preview_every: int | None = DEFAULTS.preview_every
     cuda_graphs: str = DEFAULTS.cuda_graphs
+    max_cuda_graphs: int = DEFAULTS.max_cuda_graphs
     sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) allowed; None = checkpoint policy
     warmup: bool = True
     worker_index: int = 0
@@ -210,4 +211,4 @@ class WorkerConfig:
     def engine_config(self) -> EngineConfig:
         return replace(DEFAULTS, max_batch_requests=self.max_batch_requests, max_waiting=self.max_waiting,
                        kv_budget_bytes=self.kv_budget_bytes, preview_every=self.preview_every,
-                       cuda_graphs=self.cuda_graphs)
+                       cuda_graphs=self.cuda_graphs, max_cuda_graphs=self.max_cuda_graphs)

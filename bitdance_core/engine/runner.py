@@ -25,16 +25,17 @@ generator in the reference's order (initial state, then one draw per Euler-Maruy
 ``(B, P, C)`` when guided, ``(rows, P, C)`` when every row is independent).
 
 On CUDA with ``cuda_graphs`` on, the head's whole sampler loop (per step count and bucket) and
-the prior's block step (per row bucket and key-length bucket) are captured once and replayed.
-Nothing in a warm step reads a device value on the host.
+the prior's block step (per row bucket and key-length bucket) are captured once and replayed
+(``cuda_graphs.py``: the declared keys at warm-up, others into a bounded LRU). Whatever a graph reads
+is owned for the graph's life: the runner's persistent buffers, and the schedule, time table and
+noise buffer kept by the graph set with the graph. Nothing in a warm step reads a device value on
+the host.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-import os
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -42,11 +43,14 @@ import torch
 
 from ..device import to_device
 from ..models.kv_cache import KVCache
-from ..sampling import RowGuidance, sample_rows, schedule
+from ..sampling import RowGuidance, Schedule, make_schedule, sample_rows
+from .cuda_graphs import GraphSet
+from .engine_config import CUDA_GRAPHS, DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 KEY_BUCKET = 256  # key lengths of a captured prior step are rounded up to this
+TABLES_KEPT = 64  # schedules and time tables kept for eager steps (a graph keeps its own)
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -59,9 +63,11 @@ def row_buckets(max_rows: int) -> list[int]:
 
 
 def graphs_enabled(setting: str, device: torch.device) -> bool:
-    """``cuda_graphs``: ``auto`` (on for CUDA unless ``BITDANCE_CUDA_GRAPHS=off``), ``on``, ``off``."""
-    setting = os.environ.get("BITDANCE_CUDA_GRAPHS", setting).lower()
-    if setting not in ("auto", "on", "off"):
+    """``cuda_graphs``: ``auto`` (on for CUDA), ``on``, ``off``. The setting's one owner is the caller's
+    ``EngineConfig`` (``bitdance serve`` reads ``BITDANCE_CUDA_GRAPHS`` into it); nothing here reads the
+    environment, so an explicit ``off`` is off."""
+    setting = setting.lower()
+    if setting not in CUDA_GRAPHS:
         raise ValueError(f"cuda_graphs must be auto, on or off, got {setting!r}")
     if setting == "on" and device.type != "cuda":
         logger.warning("cuda_graphs=on has no effect on %s: CUDA graphs need a CUDA device", device)
@@ -86,12 +92,14 @@ class StepBuffers:
 
 
 class Runner:
-    def __init__(self, family, cache: KVCache, cuda_graphs: str = "auto", prefix_cache_entries: int = 32):
+    def __init__(self, family, cache: KVCache, cuda_graphs: str = "auto", prefix_cache_entries: int = 32,
+                 max_cuda_graphs: int = DEFAULTS.max_cuda_graphs):
         self.family, self.cache = family, cache
         f, dev, R = family, family.device, cache.rows
         self.device, self.P, self.C = dev, f.parallel_num, f.z_channels
         self.buckets = row_buckets(R)
-        self.use_graphs = graphs_enabled(cuda_graphs, dev)
+        self.max_cuda_graphs = max_cuda_graphs
+        self.graphs = GraphSet(dev, graphs_enabled(cuda_graphs, dev), max_cuda_graphs)
         prior, P = f.prior, self.P
         self.hidden = torch.zeros(R, P, f.hidden_size, dtype=prior.dtype, device=dev)
         self.bits = torch.zeros(R, P, self.C, device=dev)
@@ -103,17 +111,32 @@ class Runner:
             starts=torch.zeros(R, dtype=torch.long, device=dev), active=torch.zeros(R, dtype=torch.long, device=dev),
             arange_p=torch.arange(P, device=dev), arange_k=torch.arange(cache.max_len, device=dev),
             row_index=torch.arange(R, device=dev)[:, None], rope_cos=cos[0], rope_sin=sin[0],
-            cos=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
-            sin=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
+            cos=torch.zeros(R * P, hd, dtype=cos.dtype, device=dev),  # rope's dtype (the prior's contract)
+            sin=torch.zeros(R * P, hd, dtype=sin.dtype, device=dev),
             mask=torch.zeros(R, cache.max_len, dtype=torch.bool, device=dev), block=P)
         self.rows = RowGuidance(  # packed head rows
             *(torch.zeros(R, dtype=torch.long, device=dev) for _ in range(4)), scale=torch.ones(R, 1, 1, device=dev))
-        self.noise = torch.zeros(0, R, P, self.C, device=dev)
-        self._t_emb: dict[int, torch.Tensor] = {}
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
-        self._pool = None
+        self.noise = torch.zeros(0, R, P, self.C, device=dev)  # (steps + 1, rows, P, C): reserved at warm-up
+        self._noise_extra = self.noise  # graphs on: longer step counts than reserved (grows; its graphs go)
+        self._tables: OrderedDict[int, tuple[Schedule, torch.Tensor]] = OrderedDict()
         self.prefix_cache: OrderedDict = OrderedDict()
         self.prefix_cache_entries = prefix_cache_entries
+        self._name_buffers()
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.graphs.enabled
+
+    def set_graph_backend(self, backend) -> None:
+        """Graphs on through ``backend`` (tests and ``gpu_check --smoke`` on CPU: the recording stand-in,
+        ``recorded_graph.RecordingBackend``); the graphs captured so far are forgotten."""
+        self.graphs = GraphSet(self.device, True, self.max_cuda_graphs, backend)
+        self._name_buffers()
+
+    def _name_buffers(self) -> None:
+        self.graphs.names = {"runner.hidden": self.hidden, "runner.bits": self.bits, "runner.feed_off": self.feed_off,
+                             "runner.head_off": self.head_off, "runner.buf": self.buf, "runner.rows": self.rows,
+                             "cache.k": self.cache.k, "cache.v": self.cache.v}
 
     def bucket(self, n: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, n)]
@@ -189,11 +212,40 @@ class Runner:
             self._feed(feed)
         return {"head": t1 - t0, "prior": tick() - t1}
 
+    def _schedule(self, steps: int) -> tuple[Schedule, torch.Tensor]:
+        """The schedule and the head's time table of a step count (an LRU for eager steps; a graph that
+        reads them keeps its own reference, so eviction here never frees what a graph reads)."""
+        if steps in self._tables:
+            self._tables.move_to_end(steps)
+        else:
+            sch = make_schedule(steps, float(self.family.time_shift), str(self.device))
+            self._tables[steps] = (sch, self.family.head.time_table(sch.t_values))
+            while len(self._tables) > TABLES_KEPT:
+                self._tables.popitem(last=False)
+        return self._tables[steps]
+
     def _time_table(self, steps: int) -> torch.Tensor:
-        if steps not in self._t_emb:
-            sch = schedule(steps, self.family.time_shift, str(self.device))
-            self._t_emb[steps] = self.family.head.time_table(sch.t_values)
-        return self._t_emb[steps]
+        return self._schedule(steps)[1]
+
+    def _noise_for(self, steps: int) -> torch.Tensor:
+        """The noise buffer of a step count: the reserved one when it is long enough; else (graphs on) a
+        second one that grows, dropping the graphs that read it, so the declared graphs never go."""
+        if self.noise.shape[0] < steps + 1 and not self.use_graphs:
+            self.reserve_steps(steps)
+        if self.noise.shape[0] >= steps + 1:
+            return self.noise
+        if self._noise_extra.shape[0] < steps + 1:
+            old = self._noise_extra
+            self._noise_extra = torch.zeros(steps + 1, *self.noise.shape[1:], device=self.device)
+            self.graphs.drop(lambda k, g: g.keep.get("noise") is old)
+        return self._noise_extra
+
+    def reserve_steps(self, steps: int) -> None:
+        """Size the noise buffer for ``steps`` (the warm-up: the declared step counts)."""
+        if self.noise.shape[0] < steps + 1:
+            old = self.noise
+            self.noise = torch.zeros(steps + 1, *old.shape[1:], device=self.device)
+            self.graphs.drop(lambda k, g: g.keep.get("noise") is old)
 
     def _sample(self, steps: int, reqs) -> None:
         f, P, dev = self.family, self.P, self.device
@@ -221,17 +273,14 @@ class Runner:
         rg.cond_index[:Sb].copy_(to_device(c_idx + [0] * (Sb - ns), dev))
         rg.uncond_index[:Sb].copy_(to_device(u_idx + [0] * (Sb - ns), dev))
         rg.scale[:Sb].copy_(to_device(scale + [1.0] * (Sb - ns), dev, torch.float32)[:, None, None])
-        if self.noise.shape[0] < steps + 1:
-            self.noise = torch.zeros(steps + 1, self.cache.rows, P, self.C, device=dev)
-            self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "head"}  # they read the old buffer
-        noise = self.noise
+        noise = self._noise_for(steps)
         for st, a, s0, k in spans:  # the reference's draw order, per request, before the loop
             off = f.head_offset(st, st.step)
             if off is not None:
                 self.head_off[a : a + st.rows] = off
             for j in range(steps + 1):
                 noise[j, s0 : s0 + k].normal_(generator=st.generator)
-        x = self._replay(("head", steps, Hb, Sb), lambda: self._sample_fn(steps, Hb, Sb))
+        x = self._run_head(steps, Hb, Sb, noise)
         bits = torch.sign(x[:ns]).index_select(0, rg.state_index[:n])  # per row
         self.bits.index_copy_(0, rg.index[:n], bits)
         for st, a, _, _ in spans:
@@ -239,17 +288,27 @@ class Runner:
             st.tokens[:, s0 : s0 + P] = bits[a : a + st.num_images]
             st.step += 1
 
-    def _sample_fn(self, steps: int, Hb: int, Sb: int) -> torch.Tensor:
+    def _run_head(self, steps: int, Hb: int, Sb: int, noise: torch.Tensor, capture_only: bool = False):
+        sch, t_emb = self._schedule(steps)
+        key = ("head", steps, Hb, Sb)
+
+        def fn():
+            return self._sample_fn(steps, Hb, Sb, sch, t_emb, noise)
+
+        if capture_only:
+            return self.graphs.capture(key, fn, self._graph_keep(key))
+        return self._replay(key, fn)
+
+    def _sample_fn(self, steps: int, Hb: int, Sb: int, sch: Schedule, t_emb: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
         f, rg = self.family, self.rows
         hidden = self.hidden.index_select(0, rg.index[:Hb])
         cond = f.head.condition(f.head_condition(hidden, self.head_off[:Hb]).to(f.head.dtype))
-        t_emb = self._time_table(steps)
 
         def predict(x, i):
             return f.head.predict(x, None, cond, t_emb[i])
 
-        sch = schedule(steps, float(f.time_shift), str(self.device))
-        return sample_rows(predict, self.noise[: steps + 1, :Sb], rg.slice(Hb, Sb), sch)
+        return sample_rows(predict, noise[: steps + 1, :Sb], rg.slice(Hb, Sb), sch)
 
     def _feed(self, feed) -> None:
         f, cache, P, dev = self.family, self.cache, self.P, self.device
@@ -279,36 +338,60 @@ class Runner:
         self.hidden[:R].copy_(out)
         b.starts[:R].add_(b.active[:R] * b.block)
 
-    # ---- CUDA graphs ------------------------------------------------------------------------
-
     def _replay(self, key: tuple, fn):
-        """Run ``fn`` eagerly, or capture it once per ``key`` as a CUDA graph and replay it."""
-        if not self.use_graphs:
-            return fn()
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(fn)
-            except Exception:  # noqa: BLE001 - a kernel that cannot be captured: fall back to eager
-                logger.exception("CUDA graph capture of %s failed; running eagerly from now on", key)
-                self.use_graphs = False
-                return fn()
-        graph, out = self._graphs[key]
-        graph.replay()
-        return out
+        """``fn()`` through the graph of ``key`` (``GraphSet.run``: replayed, captured now, or eager). The one
+        seam every graphed call goes through (the memory plan wraps it to measure the graphs' pool)."""
+        return self.graphs.run(key, fn, self._graph_keep(key), None if key[0] == "head" else self._save_starts)
 
-    def _capture(self, fn):
-        t0 = time.perf_counter()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        state = self.buf.starts.clone()
-        with torch.cuda.stream(side):
-            fn()  # warm the kernels (and the allocator) outside the capture
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.buf.starts.copy_(state)  # the warm run must not advance the lengths
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = fn()
-        self._pool = graph.pool()
-        self.buf.starts.copy_(state)
-        logger.info("captured a CUDA graph in %.0f ms", (time.perf_counter() - t0) * 1e3)
-        return graph, out
+    def _graph_keep(self, key: tuple) -> dict:
+        """What the graph of ``key`` reads that only it must keep alive (the head's: its step count's schedule,
+        time table and noise buffer; the prior's reads only the runner's persistent buffers)."""
+        if key[0] != "head":
+            return {}
+        sch, t_emb = self._schedule(key[1])
+        return {"schedule": sch, "time_table": t_emb, "noise": self._noise_for(key[1])}
+
+    def _save_starts(self):
+        """A run that is not the real one (a capture's warm-up) must not advance the lengths."""
+        saved = self.buf.starts.clone()
+        return lambda: self.buf.starts.copy_(saved)
+
+    # ---- declared CUDA graphs -------------------------------------------------------------------
+
+    def key_lengths(self) -> list[int]:
+        """Every key length of a captured prior step (rounded up to ``KEY_BUCKET``, capped by the cache)."""
+        top = self.cache.max_len
+        return sorted({min(-(-k // KEY_BUCKET) * KEY_BUCKET, top) for k in range(self.P, top + 1)})
+
+    def declared_keys(self, steps: list[int]) -> list[tuple]:
+        """The graphs served without a capture in the middle of serving: the head's loop for each step
+        count in ``steps`` at every (rows, samples) bucket pair a batch can have (samples between half the
+        rows, all guided, and all of them, unguided), and the prior's step at every (rows, key length)."""
+        keys, prev = [], 0
+        for hb in self.buckets:
+            lo = self.bucket(-(-(prev + 1) // 2))
+            keys += [("head", s, hb, sb) for s in sorted(set(steps)) for sb in self.buckets if lo <= sb <= hb]
+            prev = hb
+        return keys + [("prior", r, n) for r in self.buckets for n in self.key_lengths()]
+
+    @torch.inference_mode()
+    def capture_declared(self, steps: list[int]) -> dict[str, int]:
+        """Capture the declared keys (the warm-up; no request may be running: a prior step writes the KV
+        rows of inactive slots at positions 0..P-1). Returns counts of captured and failed keys."""
+        if not self.use_graphs:
+            return {"captured": 0, "failed": 0}
+        keys = self.declared_keys(steps)
+        self.graphs.declare(keys)
+        self.reserve_steps(max(steps))
+        for t in (self.rows.index, self.rows.state_index, self.rows.cond_index, self.rows.uncond_index,
+                  self.buf.active):
+            t.zero_()  # in range for every bucket
+        self.rows.scale.fill_(1.0)
+        ok = 0
+        for k in keys:
+            if k[0] == "head":
+                ok += bool(self._run_head(k[1], k[2], k[3], self._noise_for(k[1]), capture_only=True))
+            else:
+                ok += self.graphs.capture(k, lambda r=k[1], n=k[2]: self._prior_fn(r, n), save=self._save_starts)
+        logger.info("captured %d declared CUDA graphs (%d failed, run eagerly)", ok, len(keys) - ok)
+        return {"captured": ok, "failed": len(keys) - ok}
