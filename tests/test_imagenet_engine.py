@@ -78,6 +78,7 @@ def test_golden_alone(model, golden):
         assert_case(results[f"case{i}"], golden, i)
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 def test_golden_mixed_with_other_class_requests(model, golden):
     """The three golden cases share steps with requests of other labels, seeds, step counts, guidance and
     schedules, some joining mid-run; every one equals its single-request pipeline result."""
@@ -116,6 +117,7 @@ def test_null_prefix_shared_and_labels_prefilled_once(model):
     assert calls == [8]  # the null prefix comes from the cache
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 def test_prompt_names_a_class(model):
     engine = Engine(model, EngineConfig())
     r = GenerationRequest("p", "Goldfish", 256, 256, seed=4, steps=2, guidance_scale=2.0, num_images=2)
@@ -163,6 +165,7 @@ def test_previews_and_cancel(model):
     assert engine.scheduler.used_rows == 0
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 def test_next_token_model_in_the_engine(tmp_path):
     """The 1x code path (256 AR steps of one token, MlpEncoder head): batched == single."""
     model = load_class_model(write_class_checkpoint("imagenet-tiny-1x", tmp_path, seed=0), "cpu")
