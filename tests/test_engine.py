@@ -260,6 +260,7 @@ def test_invalid_requests_are_refused_with_the_field(model):
     assert not engine.has_work()
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 def test_no_growth_after_200_requests(model):
     engine = Engine(model, EngineConfig(max_batch_requests=16, max_waiting=256))
     reqs = [

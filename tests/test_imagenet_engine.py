@@ -87,6 +87,7 @@ def make_engine(model, graphs: str, **cfg) -> Engine:
     return engine
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 @pytest.mark.parametrize("graphs", ["eager", "standin"])
 def test_golden_mixed_with_other_class_requests(model, golden, graphs):
     """The three golden cases share steps with requests of other labels, seeds, step counts, guidance and
@@ -127,6 +128,7 @@ def test_null_prefix_shared_and_labels_prefilled_once(model):
     assert calls == [8]  # the null prefix comes from the cache
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 def test_prompt_names_a_class(model):
     engine = Engine(model, EngineConfig())
     r = GenerationRequest("p", "Goldfish", 256, 256, seed=4, steps=2, guidance_scale=2.0, num_images=2)
@@ -174,6 +176,7 @@ def test_previews_and_cancel(model):
     assert engine.scheduler.used_rows == 0
 
 
+@pytest.mark.slow  # over 40 s at load 10: the CI gate runs it, make test-fast does not
 @pytest.mark.parametrize("graphs", ["eager", "standin"])
 def test_next_token_model_in_the_engine(tmp_path, graphs):
     """The 1x code path (256 AR steps of one token, MlpEncoder head): batched == single."""
