@@ -167,6 +167,19 @@ class ModelFamily(ABC):
 
         return GenerationRequest(request_id, "warm up", height, width, **kw)
 
+    # ---- what the memory plan asks (memory_plan.py knows no model kind) ---------------------
+
+    @abstractmethod
+    def module_bytes(self) -> dict[str, int]:
+        """Bytes of the parameters and buffers of each module the family serves with, as built (quantised or not)."""
+
+    def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
+                      distinct: int) -> list:
+        """The memory plan's ``n`` worst-case requests (one image each, guided): the longest prefixes, with at
+        most ``distinct`` different unconditional prefixes (the prefix cache's entries)."""
+        return [self.example_request(f"plan-{i}", height, width, seed=i, steps=steps, guidance_scale=guidance,
+                                     preview_every=0) for i in range(n)]
+
     def info(self) -> dict:
         return {"kind": self.kind}
 
@@ -232,6 +245,64 @@ class TextToImage(ModelFamily):
 
     def latent(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return unpatchify_tokens(tokens, h, w, self.patch_side)
+
+    def module_bytes(self) -> dict[str, int]:
+        from ..quantize import module_bytes
+
+        return {name: module_bytes(getattr(self.model, name)) for name in ("llm", "head", "projector", "ae")}
+
+    def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
+                      distinct: int) -> list:
+        from .protocol import GenerationRequest
+
+        limit = self.serving.limits.max_prompt_tokens
+        prompt = _longest_text(self.prompts, limit, "a photo of ")
+        negative = _longest_text(self.prompts, limit - 2, "blurry ")
+        return [GenerationRequest(f"plan-{i}", prompt, height, width, seed=i, steps=steps, guidance_scale=guidance,
+                                  negative_prompt=f"{i % max(1, distinct)} {negative}", preview_every=0)
+                for i in range(n)]
+
+
+def _longest_text(prompts, limit: int, word: str) -> str:
+    """A prompt of at most ``limit`` user tokens, as long as the tokenizer allows."""
+    per = max(1, prompts.count_user_tokens(word * 8) // 8)
+    n = max(1, limit // per)
+    while n > 1 and prompts.count_user_tokens(word * n) > limit:
+        n -= 1
+    return (word * n).strip()
+
+
+def fake_text_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A text-to-image ``LoadedModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``), as
+    ``load_model`` builds it: modules on ``meta``, then every state-dict entry adopted as a fake tensor of
+    ``dtype``. ``build(config, dtype)`` may replace this (e.g. a quantising builder)."""
+    from ..device import Placement
+    from ..weights import build_modules
+
+    with torch.device(device):
+        if build is not None:
+            modules = build(config, dtype)
+        else:
+            modules = build_modules(config, with_encoder=False)
+            for m in modules:
+                state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                         for k, v in m.state_dict(keep_vars=True).items()}
+                m.load_state_dict(state, strict=True, assign=True)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return LoadedModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
+                       tokenizer)
+
+
+def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A model of fake tensors of the kind ``config`` describes (text-to-image or class-conditional)."""
+    from ..imagenet.config import ClassModelConfig
+
+    if isinstance(config, ClassModelConfig):
+        from ..imagenet.family import fake_class_model
+
+        return fake_class_model(config, dtype, device, build=build)
+    return fake_text_model(config, dtype, device, tokenizer=tokenizer, build=build)
 
 
 def default_serving(model) -> ServingConfig:

@@ -152,6 +152,7 @@ def build_engine(config: WorkerConfig):
     import torch
 
     from .. import attention
+    from ..device import bind
     from ..serving_config import ServingConfig
     from ..weights import load_model
     from .engine import Engine
@@ -164,6 +165,7 @@ def build_engine(config: WorkerConfig):
         except RuntimeError:  # already set (in-process benchmarks): keep what runs
             logger.warning("inter-op threads already fixed; keeping %d", torch.get_num_interop_threads())
     attention.set_backend(config.attention_backend)
+    bind(config.device)  # before anything touches CUDA: streams, graphs and pinned memory belong to this device
     if Path(config.model_dir).is_file():  # a class-conditional BitDance_*.pt
         from ..imagenet.family import serving_for
         from ..imagenet.loader import load_class_model
