@@ -160,7 +160,10 @@ def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.
     :func:`bitdance_core.engine.family.fake_model`."""
     from .engine.family import fake_model as family_fake_model
 
-    return family_fake_model(config, dtype, torch.device(device), tokenizer=tokenizer, build=build)
+    device = torch.device(device)
+    if device.type == "cuda" and not fake_cuda_ready():
+        raise RuntimeError("fake CUDA tensors are not available on this torch build")
+    return family_fake_model(config, dtype, device, tokenizer=tokenizer, build=build)
 
 
 def module_bytes(model) -> dict[str, int]:
@@ -377,8 +380,35 @@ def plan(config, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
     by_module, serving, size, shapes, n, pf, ps, pool = _solve_fake(
         config, tokenizer, dtype, serving, engine_config, size, lambda w: gpu_memory_bytes - w - reserved, build,
         device=device, progress=progress)
-    return _make_plan(by_module, shapes, n, pf, ps, pool, reserved, gpu_memory_bytes, config, dtype, size, t0,
-                      device.type)
+    p = _make_plan(by_module, shapes, n, pf, ps, pool, reserved, gpu_memory_bytes, config, dtype, size, t0,
+                   device.type)
+    if not p.fits:
+        p = replace(p, suggestions=_suggestions(p, config, tokenizer, dtype, serving, build, device))
+    return p
+
+
+def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig, build, device) -> tuple[str, ...]:
+    """What would fit one request, from the terms already measured (N = 1): a bigger device (exactly what one
+    request needs), ``--quantize int8`` (its weights as that load keeps them: built, not measured again),
+    a smaller ``--size``."""
+    from .imagenet.config import ClassModelConfig
+
+    kv_req = p.kv_bytes_per_token_row * p.kv_tokens_per_row * 2
+    rest = kv_req + max(p.peak_prefill_bytes, p.peak_step_bytes) + p.graph_pool_bytes + p.reserved_bytes
+    out = []
+    if build is None and not isinstance(config, ClassModelConfig):
+        from .quantize import fake_build
+
+        with FakeMode():
+            w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
+        if w8 + rest <= p.gpu_memory_bytes:
+            out.append(f"--quantize int8 (weights {gib(w8)}: one request needs {gib(w8 + rest)})")
+    smaller = [s for s in serving.size_policy(config).allowed() if s[0] * s[1] < p.size[0] * p.size[1]]
+    if smaller:
+        h, w = max(smaller, key=lambda s: s[0] * s[1])
+        out.append(f"a smaller --size (e.g. {w}x{h}: fewer KV tokens and a smaller step)")
+    out.append(f"a device of at least {gib(p.weights_bytes + rest)} (--gpu-memory)")
+    return tuple(out)
 
 
 def _serving_for(config, size) -> ServingConfig:

@@ -55,8 +55,10 @@ implements the same members with its own RoPE and attention layout, reusing ``At
 * ``dtype``, ``device``; ``kv_layout()`` -> ``(layers, kv_heads, head_dim)``: the engine
   allocates ``KVCache(layers, rows, max_len, kv_heads, head_dim)`` from it;
 * ``rope(positions (R, L) long, dtype)`` -> ``(cos, sin)``, each ``(R, L, X)``, a function of each
-  position alone: the runner builds the table of every cache position once and gathers rows
-  (``X`` and the rotation that consumes it are the transformer's business);
+  position alone: the runner builds the table of every cache position once and gathers rows into
+  buffers of the dtype ``rope`` returned (``X``, the table's dtype and the rotation that consumes it
+  are the transformer's business: Qwen3 casts to ``dtype`` as HF does; the class-conditional
+  transformer keeps float32 whatever ``dtype``, as the reference rotates in float32);
 * ``plan_cached(cache, slots, new_tokens, length, block)``: a prefill plan from host lengths
   (advances ``cache.lengths``);
 * ``plan_step(cache, buf, rows, key_len)``: the fixed-shape block step over slots

@@ -103,8 +103,8 @@ class Runner:
             starts=torch.zeros(R, dtype=torch.long, device=dev), active=torch.zeros(R, dtype=torch.long, device=dev),
             arange_p=torch.arange(P, device=dev), arange_k=torch.arange(cache.max_len, device=dev),
             row_index=torch.arange(R, device=dev)[:, None], rope_cos=cos[0], rope_sin=sin[0],
-            cos=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
-            sin=torch.zeros(R * P, hd, dtype=prior.dtype, device=dev),
+            cos=torch.zeros(R * P, hd, dtype=cos.dtype, device=dev),  # rope's dtype (the prior's contract)
+            sin=torch.zeros(R * P, hd, dtype=sin.dtype, device=dev),
             mask=torch.zeros(R, cache.max_len, dtype=torch.bool, device=dev), block=P)
         self.rows = RowGuidance(  # packed head rows
             *(torch.zeros(R, dtype=torch.long, device=dev) for _ in range(4)), scale=torch.ones(R, 1, 1, device=dev))

@@ -167,12 +167,10 @@ def build_engine(config: WorkerConfig):
     attention.set_backend(config.attention_backend)
     bind(config.device)  # before anything touches CUDA: streams, graphs and pinned memory belong to this device
     if Path(config.model_dir).is_file():  # a class-conditional BitDance_*.pt
-        from ..imagenet.family import serving_for
+        from ..imagenet.family import refuse_quantize, serving_for
         from ..imagenet.loader import load_class_model
 
-        if config.quantize not in (None, "none"):
-            raise ValueError(f"--quantize {config.quantize} applies to text-to-image checkpoint directories; "
-                             "class-conditional models are served unquantised (use --quantize none)")
+        refuse_quantize(config.quantize)  # the family's answer
         model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
                                  model_args=config.model_args)
         serving = serving_for(model)
