@@ -168,9 +168,9 @@ def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.
 
 def module_bytes(model) -> dict[str, int]:
     """Bytes of every parameter and buffer of each module, as built (quantised or not), named by the family."""
-    from .engine.family import default_serving, family_for
+    from .engine.family import family_class
 
-    return family_for(model, default_serving(model)).module_bytes()
+    return family_class(model).model_bytes(model)
 
 
 # ---- measuring the engine --------------------------------------------------------------------------
@@ -193,12 +193,13 @@ def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
 
 
 def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int, *,
-                  fast_forward: bool = True, progress=None) -> dict[str, int]:
+                  fast_forward: bool = True, progress=None, decode_cache: dict | None = None) -> dict[str, int]:
     """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``); returns the bytes
     beyond weights and KV: {"prefill", "step" (worst of AR steps and the final decode), "ar_step", "decode"
     (the decode's own transient), "graph_pool" (the captured functions' pool, 0 with graphs off)}.
     ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys). ``progress(line)`` hears one line per
-    measured step."""
+    measured step. ``decode_cache`` (shared by the runs of one plan) keeps the decode's transient, which
+    depends only on the decode batch ``min(N, decode_batch)``: measured once, then added to each run's base."""
     from .engine.engine import Engine
     from .engine.runner import graphs_enabled
 
@@ -253,14 +254,17 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
         peaks["ar_step"] = peaks["step"] = max(steps, default=0)
         # the last step: its head as above, no prior forward, then the decode of one decode batch
         base = live.reset_peak()
-        gh, gw = engine.sizes.grid(h, w)
-        fam = engine.family
-        latent = torch.zeros(min(n, engine.config.decode_batch), engine.C, gh, gw, dtype=fam.ae.dtype,
-                             device=engine.device)
-        fam.ae.decode(latent)
-        say(f"N={n}: final decode")
-        peaks["decode"] = live.peak - base
-        peaks["step"] = max(peaks["step"], live.peak)
+        batch = min(n, engine.config.decode_batch)
+        key = (h, w, batch, model.placement.dtype)
+        if decode_cache is None or key not in decode_cache:  # the decode's transient depends on its batch only
+            gh, gw = engine.sizes.grid(h, w)
+            fam = engine.family
+            fam.ae.decode(torch.zeros(batch, engine.C, gh, gw, dtype=fam.ae.dtype, device=engine.device))
+            say(f"N={n}: final decode")
+            if decode_cache is not None:
+                decode_cache[key] = live.peak - base
+        peaks["decode"] = decode_cache[key] if decode_cache is not None else live.peak - base
+        peaks["step"] = max(peaks["step"], base + peaks["decode"])
         peaks["graph_pool"] = live.pool_peak if graphs else 0
     for rid in list(engine.requests):
         engine.cancel(rid)
@@ -333,10 +337,12 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
         shapes = engine_shapes(model, serving, engine_config)
         kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
         cache: dict[int, tuple[int, int, int]] = {}
+        decode_cache: dict = {}
 
         def peaks(n: int) -> tuple[int, int, int]:
             if n not in cache:
-                p = measure_peaks(model, serving, engine_config, size, n, progress=progress)
+                p = measure_peaks(model, serving, engine_config, size, n, progress=progress,
+                                  decode_cache=decode_cache)
                 cache[n] = (p["prefill"], p["step"], p["graph_pool"])
             return cache[n]
 
@@ -429,8 +435,6 @@ def plan_on_device(model, serving: ServingConfig, engine_config) -> MemoryPlan:
     """The engine's start-up plan on CUDA, weights already loaded: the KV cache gets what the free memory
     leaves after the measured peak of a max-batch step, the graph pool and the allocator slack (at most
     ``max_batch_requests`` requests). Logged; ``Engine.memory_plan`` keeps it."""
-    from .engine.family import default_serving, family_for
-
     t0 = time.perf_counter()
     device = model.placement.device
     free, total = torch.cuda.mem_get_info(device)
@@ -440,7 +444,7 @@ def plan_on_device(model, serving: ServingConfig, engine_config) -> MemoryPlan:
     _, _, _, shapes, n, pf, ps, pool = _solve_fake(
         model.config, getattr(model, "tokenizer", None), dtype, serving, engine_config, (h, w),
         lambda _: free - slack, cap=engine_config.max_batch_requests, device=device)
-    by_module = family_for(model, serving or default_serving(model)).module_bytes()  # as loaded (quantised or not)
+    by_module = module_bytes(model)  # as loaded (quantised or not)
     reserved = total - free - sum(by_module.values()) + slack  # context and workspaces measured, plus the slack
     p = _make_plan(by_module, shapes, n, pf, ps, pool, reserved, total, model.config, dtype, (h, w), t0, device.type)
     logger.info("memory plan on %s: %d requests at %dx%d, KV %s, predicted peak step %s, prefill %s, graph pool %s, "

@@ -64,7 +64,7 @@ def _requests(family: str, engine) -> list[GenerationRequest]:
 @pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_worker_on_cuda(checkpoints, family, device):
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     dev = torch.device(device)
     sizes = ((64, 64), (64, 128)) if family == "text-to-image" else None
     config = WorkerConfig(model_dir=checkpoints[family], device=device, dtype="bfloat16", cuda_graphs="on",
@@ -110,4 +110,4 @@ def test_worker_on_cuda(checkpoints, family, device):
         assert set(cuda.streams) <= {dev.index}, f"streams made on cuda:{sorted(set(cuda.streams))}"
         assert set(cuda.pinned_for) <= {dev.index}, f"host memory pinned for cuda:{sorted(set(cuda.pinned_for))}"
         assert cuda.generators and set(cuda.generators) == {dev.index}
-    assert time.perf_counter() - t0 < 120  # (about 10 s on an idle core)
+    assert time.process_time() - t0 < 60, "the tier must stay quick: tiny models, few steps"  # CPU seconds

@@ -171,9 +171,17 @@ class ModelFamily(ABC):
 
     # ---- what the memory plan asks (memory_plan.py knows no model kind) ---------------------
 
-    @abstractmethod
+    MODULES: tuple[str, ...] = ()  # the model's modules the family serves with (their bytes are the weights)
+
     def module_bytes(self) -> dict[str, int]:
         """Bytes of the parameters and buffers of each module the family serves with, as built (quantised or not)."""
+        return self.model_bytes(self.model)
+
+    @classmethod
+    def model_bytes(cls, model) -> dict[str, int]:
+        from ..quantize import module_bytes
+
+        return {name: module_bytes(getattr(model, name)) for name in cls.MODULES}
 
     def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
                       distinct: int) -> list:
@@ -190,6 +198,7 @@ class TextToImage(ModelFamily):
     """Qwen3 prior, prompts (and negative prompts) as the condition, 2-D sincos position table."""
 
     kind = "text-to-image"
+    MODULES = ("llm", "head", "projector", "ae")  # no lm_head, no AE encoder
 
     def __init__(self, model: LoadedModel, serving: ServingConfig):
         cfg = model.config
@@ -247,11 +256,6 @@ class TextToImage(ModelFamily):
 
     def latent(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return unpatchify_tokens(tokens, h, w, self.patch_side)
-
-    def module_bytes(self) -> dict[str, int]:
-        from ..quantize import module_bytes
-
-        return {name: module_bytes(getattr(self.model, name)) for name in ("llm", "head", "projector", "ae")}
 
     def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
                       distinct: int) -> list:
@@ -318,12 +322,16 @@ def default_serving(model) -> ServingConfig:
     return ServingConfig.for_model(model.config)
 
 
-def family_for(model, serving: ServingConfig) -> ModelFamily:
+def family_class(model) -> type[ModelFamily]:
     """The family of a loaded model: class-conditional for a ``LoadedClassModel``, else text-to-image."""
     from ..imagenet.loader import LoadedClassModel
 
     if isinstance(model, LoadedClassModel):
         from ..imagenet.family import ClassConditional
 
-        return ClassConditional(model, serving)
-    return TextToImage(model, serving)
+        return ClassConditional
+    return TextToImage
+
+
+def family_for(model, serving: ServingConfig) -> ModelFamily:
+    return family_class(model)(model, serving)

@@ -73,6 +73,7 @@ def request_labels(req, num_classes: int) -> list[int]:
 
 class ClassConditional(ModelFamily):
     kind = "class-conditional"
+    MODULES = ("transformer", "head", "ae")  # no AE encoder
 
     def __init__(self, model: LoadedClassModel, serving: ServingConfig):
         cfg = model.config
@@ -129,11 +130,6 @@ class ClassConditional(ModelFamily):
 
         label = kw.get("seed", 0) % self.config.num_classes  # a different class per seed
         return GenerationRequest(request_id, "", height, width, class_label=(label,), **kw)
-
-    def module_bytes(self) -> dict[str, int]:
-        from ..quantize import module_bytes
-
-        return {name: module_bytes(getattr(self.model, name)) for name in ("transformer", "head", "ae")}
 
     def info(self) -> dict:
         cfg = self.config
