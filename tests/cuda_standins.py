@@ -21,7 +21,8 @@ can be and each recording what it was asked, so the tier can check the device ev
 
 ``DeviceCheck(device, dtype)`` is a dispatch mode that fails the op (naming it) when an output is on another
 CUDA device than ``device``, is float64, or is a floating tensor in neither ``dtype`` nor float32 (the sampler
-and the diffusion arithmetic are float32 by design).
+and the diffusion arithmetic are float32 by design); and an ``out=`` of a copying op (``index_select``, ``gather``,
+``cat``) in another dtype than its input, which a real kernel refuses and a fake kernel lets through.
 """
 
 from __future__ import annotations
@@ -289,6 +290,9 @@ def fake_cuda(devices: int = 2, free: int = 20 * GiB, total: int = 24 * GiB):
     del real_pin
 
 
+_SAME_DTYPE_OUT = {torch.ops.aten.index_select, torch.ops.aten.gather, torch.ops.aten.cat, torch.ops.aten.take}
+
+
 class DeviceCheck(TorchDispatchMode):
     """Every op's tensor outputs: on ``device`` (or the host), never float64, floating ones in ``dtype`` or
     float32. Counts the ops it saw on the device (``ops``)."""
@@ -299,7 +303,13 @@ class DeviceCheck(TorchDispatchMode):
         self.dtypes: set[torch.dtype] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if func.overloadpacket in _SAME_DTYPE_OUT and isinstance(kwargs.get("out"), torch.Tensor):
+            src = next(t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor))
+            if kwargs["out"].dtype != src.dtype:  # CUDA's kernel refuses it; the fake kernel does not check
+                raise AssertionError(f"{func}: self and result must have the same scalar type ({src.dtype} into "
+                                     f"{kwargs['out'].dtype})")
+        out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
                 continue

@@ -77,6 +77,7 @@ def test_worker_on_cuda(checkpoints, family, device):
         assert engine.cache.k.device == dev
         plan = engine.memory_plan
         assert plan.fits and plan.max_concurrent_requests >= 1 and plan.kv_bytes > 0
+        assert plan.device == "cuda", "the plan measured the CPU code path"
         assert plan.graph_pool_bytes > 0, "the graph pool is not in the plan"
 
         check = DeviceCheck(dev, torch.bfloat16)
