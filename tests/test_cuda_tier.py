@@ -69,8 +69,10 @@ def test_worker_on_cuda(checkpoints, family, device):
     sizes = ((64, 64), (64, 128)) if family == "text-to-image" else None
     config = WorkerConfig(model_dir=checkpoints[family], device=device, dtype="bfloat16", cuda_graphs="on",
                           sizes=sizes, max_batch_requests=4, preview_every=0, worker_index=dev.index)
+    check = DeviceCheck(dev, torch.bfloat16)  # also while warming up: that is when the graphs are captured
     with fake_cuda(devices=2) as cuda, mock.patch.object(class_family, "DEFAULT_STEPS", STEPS):
-        engine = build_engine(config)  # bind, load, plan_on_device, warm-up, the warm max-batch check
+        with check:
+            engine = build_engine(config)  # bind, load, plan_on_device, warm-up, the warm max-batch check
         assert cuda.current == dev.index, "the worker did not make its device current (torch.cuda.set_device)"
         assert engine.device == dev and engine.runner.use_graphs
         assert engine.family.prior.dtype == torch.bfloat16 and engine.cache.k.dtype == torch.bfloat16
@@ -80,7 +82,6 @@ def test_worker_on_cuda(checkpoints, family, device):
         assert plan.device == "cuda", "the plan measured the CPU code path"
         assert plan.graph_pool_bytes > 0, "the graph pool is not in the plan"
 
-        check = DeviceCheck(dev, torch.bfloat16)
         events: dict[str, list] = {}
         with check:
             reqs = _requests(family, engine)
