@@ -157,7 +157,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="memory plan: how many concurrent requests fit on a device (no weights read)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a checkpoint preset (14b-64x, 14b-16x, ...)")
+    src.add_argument("--preset", help="a checkpoint preset: text-to-image (14b-64x, 14b-16x, ...) or "
+                     "class-conditional (imagenet-b-4x, imagenet-h-1x, ...)")
     src.add_argument("--model", help="a checkpoint directory (only its configs and tokenizer are read)")
     p.add_argument("--gpu-memory", required=True, help="device memory: 80GiB, 141GB, 48G, or bytes")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="compute dtype (default bfloat16)")
@@ -327,11 +328,15 @@ def _plan(args: argparse.Namespace) -> int:
         if args.model is not None and mode == "none":
             mode = stored_mode(args.model)  # a pre-quantised directory is planned as it loads
         build = fake_build(mode)
+        def progress(line: str) -> None:  # one line per measured step: a plan takes a while
+            print(f"bitdance plan: {line}", file=sys.stderr, flush=True)
+
         if args.preset is not None:
-            result = plan_preset(args.preset, gpu, args.dtype, size, build=build,
+            result = plan_preset(args.preset, gpu, args.dtype, size, build=build, progress=progress,
                                  tokenizer_routes=args.tokenizer_routes)
         else:
-            result = plan_dir(args.model, gpu, args.dtype, size, build=build, tokenizer_routes=args.tokenizer_routes)
+            result = plan_dir(args.model, gpu, args.dtype, size, build=build, progress=progress,
+                              tokenizer_routes=args.tokenizer_routes)
     except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
         raise CLIError(str(e)) from e
     if args.json:
@@ -339,7 +344,9 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print(result.table())
     if not result.fits:
-        print(f"bitdance plan: does not fit: {result.reason}", file=sys.stderr)
+        would = "".join(f"\n  - {x}" for x in result.suggestions)
+        print(f"bitdance plan: does not fit: {result.reason}" + (f"\nwhat would fit one request:{would}" if would
+                                                                  else ""), file=sys.stderr)
         return 1
     return 0
 

@@ -32,6 +32,8 @@ def resolve(device: str | None = None, dtype: str | None = None) -> Placement:
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None:  # always an explicit index: "cuda" is the current device
+        dev = torch.device("cuda", torch.cuda.current_device())
     if dtype not in (None, "auto"):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -48,9 +50,36 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def bind(device: str | torch.device | None) -> None:
+    """Make ``device`` the process's current CUDA device (a worker's first act): the streams, graph captures,
+    pinned host buffers and ``"cuda"`` without an index of this process then belong to it, not to cuda:0."""
+    dev = torch.device(device) if device not in (None, "auto") else None
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        logger.info("current CUDA device: %s", dev)
+
+
+def generator(device: torch.device, seed: int) -> torch.Generator:
+    """A request's generator on ``device``. A CUDA device on a build without CUDA exists only as fake tensors
+    (the memory plan), which draw nothing: a CPU generator stands in for it there."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """A tensor of the memory plan (``FakeTensorMode``): shape, dtype and device, no data."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def to_device(values, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host list/tensor → device tensor without a stream sync (pinned, non-blocking on CUDA)."""
+    """Host list/tensor → device tensor without a stream sync (pinned, non-blocking on CUDA; the pinned buffer
+    belongs to the current device, see :func:`bind`)."""
     t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
         return t.to(device)
+    if is_fake(t):  # planning: nothing to pin (no fake implementation), and no constant folded on the host
+        return torch.empty(t.shape, dtype=t.dtype, device=device).copy_(t)
     return t.pin_memory().to(device, non_blocking=True)

@@ -1,10 +1,17 @@
 """The memory plan: how many requests fit on a device, computed from the engine's own step.
 
-A plan adds four terms and solves for the number of concurrent requests ``N`` (``--size``, with
+A plan adds five terms and solves for the number of concurrent requests ``N`` (``--size``, with
 guidance, one image each, so 2 KV rows per request)::
 
     gpu_memory >= weights + N * 2 * kv_tokens_per_row * kv_bytes_per_token_row
-                  + max(peak_prefill, peak_step)(N) + reserved
+                  + max(peak_prefill, peak_step)(N) + graph_pool(N) + reserved
+
+It measures the CUDA path: the engine runs on fake tensors of device ``cuda`` (on a build without CUDA
+too, see :func:`~bitdance_core.fake_memory.fake_cuda_ready`), so its CUDA branches are what is measured:
+the CUDA attention path (grouped-query heads folded into the query length under a per-row key mask),
+key lengths rounded up to ``runner.KEY_BUCKET``, persistent buffers on the device. Nothing here knows
+the kind of model: the model family builds the fake model, names its modules' bytes and makes the
+worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
 
 * ``weights_bytes``: the parameter and buffer bytes of the modules as built (whatever their dtype or
   quantisation), the LLM body without ``lm_head``, the head, the projector and the AE decoder.
@@ -19,6 +26,13 @@ guidance, one image each, so 2 KV rows per request)::
   peak. The requests are the worst case: the longest prompt and a distinct longest negative prompt
   each (two prefill rows per request, a full prefix cache), every AR step up to the longest keys,
   then the batched decode of all N images.
+* ``graph_pool_bytes``: the CUDA graphs' memory. The runner captures the head's sampler loop and the
+  prior's block step into graphs that share ONE private memory pool (``runner._pool``); what a captured
+  function allocates stays in that pool for the graph's life and is not available to anything else.
+  The plan runs those functions eagerly inside :meth:`LiveBytes.pool` regions: their allocations are
+  counted apart from the step's, and the term is their peak (the transient of the largest captured
+  function at the planned batch, the longest key bucket and the largest row bucket, plus the outputs
+  still held). With ``cuda_graphs=off`` it is 0 and those bytes count in ``peak_step`` instead.
 * ``reserved_bytes``: CUDA context, library workspaces and allocator slack, assumed
   (``RESERVED_FIXED`` + ``RESERVED_FRACTION`` of the device).
 
@@ -37,11 +51,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .config import ModelConfig
-from .device import Placement, dtype_name
-from .fake_memory import LiveBytes
+from .device import Placement, dtype_name  # noqa: F401 - Placement: re-exported for tests
+from .fake_memory import FakeMode, LiveBytes, fake_cuda_ready
 from .serving_config import ServingConfig
 
 logger = logging.getLogger(__name__)
@@ -51,8 +64,8 @@ RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
 MAX_PLANNED_REQUESTS = 256  # the solve's upper bound (a plan of a huge device stays quick)
 PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
 JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
-             "peak_prefill_bytes", "peak_step_bytes", "reserved_bytes", "max_concurrent_requests", "fits",
-             "gpu_memory_bytes")
+             "peak_prefill_bytes", "peak_step_bytes", "graph_pool_bytes", "reserved_bytes", "max_concurrent_requests",
+             "fits", "gpu_memory_bytes")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -88,6 +101,7 @@ class MemoryPlan:
     max_concurrent_requests: int
     fits: bool
     gpu_memory_bytes: int
+    graph_pool_bytes: int = 0
     # context (not in the JSON)
     model: str = ""
     dtype: str = ""
@@ -95,11 +109,13 @@ class MemoryPlan:
     reason: str = ""  # why it does not fit
     plan_s: float = 0.0
     weights_by_module: tuple[tuple[str, int], ...] = ()
+    device: str = ""  # the device type measured: "cuda" (fake CUDA tensors) or "cpu" (fallback)
+    suggestions: tuple[str, ...] = ()  # what would fit, when this does not
 
     @property
     def total_bytes(self) -> int:
         return (self.weights_bytes + self.kv_bytes + max(self.peak_prefill_bytes, self.peak_step_bytes)
-                + self.reserved_bytes)
+                + self.graph_pool_bytes + self.reserved_bytes)
 
     def as_json(self) -> dict:
         return {k: getattr(self, k) for k in JSON_KEYS}
@@ -115,54 +131,47 @@ class MemoryPlan:
             ("KV cache", gib(self.kv_bytes), f"{self.kv_rows} rows x {self.kv_tokens_per_row} tokens"),
             ("peak prefill", gib(self.peak_prefill_bytes), "measured: the admission steps (max_prefill_rows each)"),
             ("peak step", gib(self.peak_step_bytes), "measured: worst AR step (longest keys) or final decode"),
+            ("CUDA graph pool", gib(self.graph_pool_bytes), "measured: the captured functions' transient (one "
+             "pool)"),
             ("reserved", gib(self.reserved_bytes), "CUDA context, workspaces, allocator slack (assumed)"),
             ("total", gib(self.total_bytes), f"of {gib(self.gpu_memory_bytes)}"),
         ]
-        head = (f"memory plan: {self.model} ({self.dtype}) at {w}x{h}, guidance on, one image per request\n"
+        head = (f"memory plan: {self.model} ({self.dtype}) at {w}x{h} on {self.device}, guidance on, one image per "
+                f"request\n"
                 f"max_concurrent_requests: {self.max_concurrent_requests}   fits: {'yes' if self.fits else 'NO'}")
         width = max(len(r[0]) for r in rows)
         body = "\n".join(f"  {a:<{width}}  {b:>11}  {c}" for a, b, c in rows)
-        tail = f"\ndoes not fit: {self.reason}" if not self.fits else ""
-        return f"{head}\n{body}{tail}"
+        return f"{head}\n{body}"
 
 
 # ---- building a model without memory -------------------------------------------------------------
 
 
-def fake_model(config: ModelConfig, tokenizer, dtype: torch.dtype, build=None):
-    """A ``LoadedModel`` of fake tensors (call inside a ``FakeTensorMode``), as ``load_model`` builds it: the
-    modules on ``meta``, then every state-dict entry adopted as a fake tensor of the placement's dtype.
-    ``build(config, dtype)`` may replace this (e.g. a quantising builder): it returns (llm, head, projector, ae)."""
-    from .weights import LoadedModel, build_modules
+def plan_device() -> torch.device:
+    """The device the plan measures: fake ``cuda:0`` tensors (the CUDA path), or fake CPU tensors (with a
+    warning) on a torch build where fake CUDA tensors cannot be made."""
+    if fake_cuda_ready():
+        return torch.device("cuda", 0)
+    logger.warning("the memory plan measures the CPU code path on this torch build (no fake CUDA tensors)")
+    return torch.device("cpu")
 
-    if build is not None:
-        modules = build(config, dtype)
-    else:
-        modules = build_modules(config, with_encoder=False)
-        for m in modules:
-            state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype, device="cpu")
-                     for k, v in m.state_dict(keep_vars=True).items()}
-            m.load_state_dict(state, strict=True, assign=True)
-    for m in modules:
-        m.eval().requires_grad_(False)
-    placement = Placement(torch.device("cpu"), dtype, "memory plan (fake tensors)")
-    return LoadedModel(config, placement, *modules, tokenizer)
+
+def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.device | str = "cpu"):
+    """A model of fake tensors (call inside a ``FakeTensorMode``), built by its family: see
+    :func:`bitdance_core.engine.family.fake_model`."""
+    from .engine.family import fake_model as family_fake_model
+
+    device = torch.device(device)
+    if device.type == "cuda" and not fake_cuda_ready():
+        raise RuntimeError("fake CUDA tensors are not available on this torch build")
+    return family_fake_model(config, dtype, device, tokenizer=tokenizer, build=build)
 
 
 def module_bytes(model) -> dict[str, int]:
-    """Bytes of every parameter and buffer of each module, as built (quantised or not)."""
-    from .quantize import module_bytes as kept_bytes
+    """Bytes of every parameter and buffer of each module, as built (quantised or not), named by the family."""
+    from .engine.family import family_class
 
-    return {name: kept_bytes(getattr(model, name)) for name in ("llm", "head", "projector", "ae")}
-
-
-def _longest_text(prompts, limit: int, word: str) -> str:
-    """A prompt of at most ``limit`` user tokens, as long as the tokenizer allows."""
-    per = max(1, prompts.count_user_tokens(word * 8) // 8)
-    n = max(1, limit // per)
-    while n > 1 and prompts.count_user_tokens(word * n) > limit:
-        n -= 1
-    return (word * n).strip()
+    return family_class(model).model_bytes(model)
 
 
 # ---- measuring the engine --------------------------------------------------------------------------
@@ -185,37 +194,44 @@ def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
 
 
 def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int, *,
-                  fast_forward: bool = True) -> dict[str, int]:
+                  fast_forward: bool = True, progress=None, decode_cache: dict | None = None) -> dict[str, int]:
     """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``); returns the bytes
     beyond weights and KV: {"prefill", "step" (worst of AR steps and the final decode), "ar_step", "decode"
-    (the decode's own transient)}. ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys)."""
+    (the decode's own transient), "graph_pool" (the captured functions' pool, 0 with graphs off)}.
+    ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys). ``progress(line)`` hears one line per
+    measured step. ``decode_cache`` (shared by the runs of one plan) keeps the decode's transient, which
+    depends only on the decode batch ``min(N, decode_batch)``: measured once, then added to each run's base."""
     from .engine.engine import Engine
-    from .engine.protocol import GenerationRequest
+    from .engine.runner import graphs_enabled
 
+    say = progress or (lambda line: None)
     shapes = engine_shapes(model, serving, engine_config)
     rows = n * shapes.rows_per_request
+    graphs = graphs_enabled(engine_config.cuda_graphs, model.placement.device)
     cfg = replace(engine_config, max_batch_requests=n, max_waiting=n,
                   kv_budget_bytes=rows * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row,
-                  preview_every=0, preview_method="full")
+                  preview_every=0, preview_method="full", cuda_graphs="off")  # graphs: measured as pool regions
     engine = Engine(model, cfg, serving)
-    limit = serving.limits.max_prompt_tokens
-    prompts = engine.family.prompts
-    prompt = _longest_text(prompts, limit, "a photo of ")
-    negative = _longest_text(prompts, limit - 2, "blurry ")
     h, w = size
     guidance = max(serving.default_guidance, 1.5)
-    distinct = max(1, engine_config.prefix_cache_entries)  # NOTE: more in one prefill would evict entries in use
-    for i in range(n):
-        engine.add_request(GenerationRequest(f"plan-{i}", prompt, h, w, seed=i, steps=PLAN_STEPS,
-                                             guidance_scale=guidance, negative_prompt=f"{i % distinct} {negative}",
-                                             preview_every=0))
+    for req in engine.family.plan_requests(n, h, w, steps=PLAN_STEPS, guidance=guidance,
+                                           distinct=engine_config.prefix_cache_entries):
+        engine.add_request(req)
     total = engine.sizes.ar_steps(h, w)
     peaks = {}
     with LiveBytes() as live:
+        if graphs:
+            def pooled(key, fn, live=live):
+                with live.pool():
+                    return fn()
+            engine.runner._replay = pooled
         peaks["prefill"] = 0
+        k = 0
         while True:  # admission: prefills of at most max_prefill_rows rows, each with an AR step
             live.reset_peak()
             _step(engine)
+            k += 1
+            say(f"N={n}: admission step {k} ({n - engine.num_waiting}/{n} requests)")
             peaks["prefill"] = max(peaks["prefill"], live.peak)
             if engine.num_waiting == 0:
                 break
@@ -224,6 +240,7 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
             live.reset_peak()
             _step(engine)  # an AR step of the whole batch
             steps.append(live.peak)
+            say(f"N={n}: AR step 2 of {total}")
             for _ in range(total - 4 if not fast_forward else 0):  # (tests: every step)
                 if max(st.step for st in engine.requests.values()) >= total - 2:
                     break
@@ -234,15 +251,22 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
             live.reset_peak()
             _step(engine)  # AR step T-1 of every request: the longest keys a prior forward sees
             steps.append(live.peak)
+            say(f"N={n}: AR step {total - 1} of {total} (the longest keys)")
         peaks["ar_step"] = peaks["step"] = max(steps, default=0)
         # the last step: its head as above, no prior forward, then the decode of one decode batch
         base = live.reset_peak()
-        gh, gw = engine.sizes.grid(h, w)
-        latent = torch.zeros(min(n, engine.config.decode_batch), model.config.z_channels, gh, gw,
-                             dtype=model.ae.dtype)
-        model.ae.decode(latent)
-        peaks["decode"] = live.peak - base
-        peaks["step"] = max(peaks["step"], live.peak)
+        batch = min(n, engine.config.decode_batch)
+        key = (h, w, batch, model.placement.dtype)
+        if decode_cache is None or key not in decode_cache:  # the decode's transient depends on its batch only
+            gh, gw = engine.sizes.grid(h, w)
+            fam = engine.family
+            fam.ae.decode(torch.zeros(batch, engine.C, gh, gw, dtype=fam.ae.dtype, device=engine.device))
+            say(f"N={n}: final decode")
+            if decode_cache is not None:
+                decode_cache[key] = live.peak - base
+        peaks["decode"] = decode_cache[key] if decode_cache is not None else live.peak - base
+        peaks["step"] = max(peaks["step"], base + peaks["decode"])
+        peaks["graph_pool"] = live.pool_peak if graphs else 0
     for rid in list(engine.requests):
         engine.cancel(rid)
     return peaks
@@ -273,17 +297,20 @@ def _step(engine) -> None:
 def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
     growing with N. ``peaks(n) -> (prefill, step)``, each call a measured run, so the search is a secant
-    on a peak that is close to linear in N, then checked: 3 to 4 runs. Returns (N, peak_prefill(N),
-    peak_step(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
+    on a peak that is close to linear in N, then checked: 3 to 4 runs. Returns (N, *peaks(N)); N = 0 when
+    not even one request fits (the peaks are then those of one request)."""
+    def need(p) -> int:  # (prefill, step[, graph pool]): the pool is held beside either
+        return max(p[0], p[1]) + sum(p[2:])
+
     def fits(n: int) -> bool:
-        return n * kv_per_request + max(peaks(n)) <= available_bytes
+        return n * kv_per_request + need(peaks(n)) <= available_bytes
 
     hi = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS, cap or MAX_PLANNED_REQUESTS))
     if fits(hi):
         return hi, *peaks(hi)
     if hi == 1 or not fits(1):
         return 0, *peaks(1)
-    p1, p_hi = max(peaks(1)), max(peaks(hi))
+    p1, p_hi = need(peaks(1)), need(peaks(hi))
     slope = (p_hi - p1) / (hi - 1)
     n = int((available_bytes - p1 + slope) // (kv_per_request + slope))
     n = min(max(n, 1), hi - 1)
@@ -294,106 +321,161 @@ def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = No
     return n, *peaks(n)
 
 
-def _solve_fake(config: ModelConfig, tokenizer, dtype: torch.dtype, serving: ServingConfig, engine_config,
-                size: tuple[int, int], available, build=None, cap: int | None = None):
-    """Inside one FakeTensorMode: (weights_bytes, shapes, N, peak_prefill, peak_step).
-    ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peak."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = fake_model(config, tokenizer, dtype, build)
+def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | None, engine_config,
+                size: tuple[int, int] | None, available, build=None, cap: int | None = None, device=None,
+                progress=None):
+    """Inside one fake mode: (weights by module, serving, size, shapes, N, peak_prefill, peak_step, graph_pool).
+    ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peaks."""
+    from .engine.family import default_serving
+
+    device = torch.device(device) if device is not None else plan_device()
+    with FakeMode():
+        model = fake_model(config, tokenizer, dtype, build, device)
+        serving = serving or default_serving(model)
+        size = tuple(size or serving.default_size)
         by_module = module_bytes(model)
         weights = sum(by_module.values())
         shapes = engine_shapes(model, serving, engine_config)
         kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
-        cache: dict[int, tuple[int, int]] = {}
+        cache: dict[int, tuple[int, int, int]] = {}
+        decode_cache: dict = {}
 
-        def peaks(n: int) -> tuple[int, int]:
+        def peaks(n: int) -> tuple[int, int, int]:
             if n not in cache:
-                p = measure_peaks(model, serving, engine_config, size, n)
-                cache[n] = (p["prefill"], p["step"])
+                p = measure_peaks(model, serving, engine_config, size, n, progress=progress,
+                                  decode_cache=decode_cache)
+                cache[n] = (p["prefill"], p["step"], p["graph_pool"])
             return cache[n]
 
-        n, pf, ps = solve(available(weights), kv_req, peaks, cap)
-    return by_module, shapes, n, pf, ps
+        n, pf, ps, pool = solve(available(weights), kv_req, peaks, cap)
+    return by_module, serving, size, shapes, n, pf, ps, pool
 
 
-def _make_plan(by_module: dict[str, int], shapes: Shapes, n, pf, ps, reserved, gpu_memory_bytes, config, dtype, size,
-               t0) -> MemoryPlan:
+def _make_plan(by_module: dict[str, int], shapes: Shapes, n, pf, ps, pool, reserved, gpu_memory_bytes, config,
+               dtype, size, t0, device: str = "") -> MemoryPlan:
     weights = sum(by_module.values())
     kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
     reason = ""
     if n == 0:
-        need = weights + kv_req + max(pf, ps) + reserved
+        need = weights + kv_req + max(pf, ps) + pool + reserved
         reason = (f"one request at {size[1]}x{size[0]} needs {gib(need)} (weights {gib(weights)}, KV {gib(kv_req)}, "
-                  f"engine peak {gib(max(pf, ps))}, reserved {gib(reserved)}) but the device has "
-                  f"{gib(gpu_memory_bytes)}")
+                  f"engine peak {gib(max(pf, ps))}, graph pool {gib(pool)}, reserved {gib(reserved)}) but the "
+                  f"device has {gib(gpu_memory_bytes)}")
     return MemoryPlan(weights, shapes.kv_bytes_per_token_row, n * shapes.rows_per_request, shapes.kv_tokens_per_row,
-                      n * kv_req, pf, ps, reserved, n, n > 0, gpu_memory_bytes, model=config.name,
-                      dtype=dtype_name(dtype), size=tuple(size), reason=reason, plan_s=time.perf_counter() - t0,
-                      weights_by_module=tuple(by_module.items()))
+                      n * kv_req, pf, ps, reserved, n, n > 0, gpu_memory_bytes, graph_pool_bytes=pool,
+                      model=config.name, dtype=dtype_name(dtype), size=tuple(size), reason=reason,
+                      plan_s=time.perf_counter() - t0, weights_by_module=tuple(by_module.items()), device=device)
 
 
 # ---- entry points --------------------------------------------------------------------------------
 
 
-def plan(config: ModelConfig, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
+def plan(config, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
          size: tuple[int, int] | None = None, serving: ServingConfig | None = None, engine_config=None,
-         build=None, reserved_bytes: int | None = None, tokenizer_routes: bool = False) -> MemoryPlan:
+         build=None, reserved_bytes: int | None = None, device=None, progress=None,
+         tokenizer_routes: bool = False) -> MemoryPlan:
     """The plan for one device of ``gpu_memory_bytes`` serving ``size`` (height, width; default: the
-    serving default size). With ``size`` the deployment allows that size only (``--sizes``).
+    serving default size). With ``size`` the deployment allows that size only (``--sizes``). ``config``: a
+    text-to-image ``ModelConfig`` (with its ``tokenizer``) or a class-conditional ``ClassModelConfig``.
     ``tokenizer_routes``: the AE encoder is loaded too (``--tokenizer-routes``), counted as ``ae_encoder``."""
     from .engine.engine import EngineConfig
 
     t0 = time.perf_counter()
     engine_config = engine_config or EngineConfig()
     if serving is None:
-        serving = ServingConfig.for_model(config, {"sizes": [list(size)], "default_size": list(size)} if size else None)
-    size = tuple(size or serving.default_size)
+        serving = _serving_for(config, size)
     reserved = reserved_bytes_for(gpu_memory_bytes) if reserved_bytes is None else reserved_bytes
+    device = torch.device(device) if device is not None else plan_device()
     extra = {"ae_encoder": encoder_bytes(config, dtype)} if tokenizer_routes else {}
-    by_module, shapes, n, pf, ps = _solve_fake(config, tokenizer, dtype, serving, engine_config, size,
-                                               lambda w: gpu_memory_bytes - w - sum(extra.values()) - reserved, build)
+    by_module, serving, size, shapes, n, pf, ps, pool = _solve_fake(
+        config, tokenizer, dtype, serving, engine_config, size,
+        lambda w: gpu_memory_bytes - w - sum(extra.values()) - reserved, build, device=device, progress=progress)
     by_module = {**by_module, **extra}
-    return _make_plan(by_module, shapes, n, pf, ps, reserved, gpu_memory_bytes, config, dtype, size, t0)
+    p = _make_plan(by_module, shapes, n, pf, ps, pool, reserved, gpu_memory_bytes, config, dtype, size, t0,
+                   device.type)
+    if not p.fits:
+        p = replace(p, suggestions=_suggestions(p, config, tokenizer, dtype, serving, build, device))
+    return p
 
 
-def encoder_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """The AE encoder's weight bytes (loaded only with the tokenizer routes)."""
+def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig, build, device) -> tuple[str, ...]:
+    """What would fit one request, from the terms already measured (N = 1): a bigger device (exactly what one
+    request needs), ``--quantize int8`` (its weights as that load keeps them: built, not measured again),
+    a smaller ``--size``."""
+    from .imagenet.config import ClassModelConfig
+
+    kv_req = p.kv_bytes_per_token_row * p.kv_tokens_per_row * 2
+    rest = kv_req + max(p.peak_prefill_bytes, p.peak_step_bytes) + p.graph_pool_bytes + p.reserved_bytes
+    out = []
+    if build is None and not isinstance(config, ClassModelConfig):
+        from .quantize import fake_build
+
+        with FakeMode():
+            w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
+        if w8 + rest <= p.gpu_memory_bytes:
+            out.append(f"--quantize int8 (weights {gib(w8)}: one request needs {gib(w8 + rest)})")
+    smaller = [s for s in serving.size_policy(config).allowed() if s[0] * s[1] < p.size[0] * p.size[1]]
+    if smaller:
+        h, w = max(smaller, key=lambda s: s[0] * s[1])
+        out.append(f"a smaller --size (e.g. {w}x{h}: fewer KV tokens and a smaller step)")
+    out.append(f"a device of at least {gib(p.weights_bytes + rest)} (--gpu-memory)")
+    return tuple(out)
+
+
+def _serving_for(config, size) -> ServingConfig:
+    from .imagenet.config import ClassModelConfig
+
+    if isinstance(config, ClassModelConfig):
+        from .imagenet.family import serving_for
+
+        serving = serving_for(config)
+        if size is not None and tuple(size) != tuple(config.size):
+            h, w = config.size
+            raise ValueError(f"--size {size[1]}x{size[0]}: this class-conditional model generates {w}x{h} only")
+        return serving
+    return ServingConfig.for_model(config, {"sizes": [list(size)], "default_size": list(size)} if size else None)
+
+
+def encoder_bytes(config, dtype: torch.dtype) -> int:
+    """The AE encoder's weight bytes (loaded only with the tokenizer routes), of either family's config."""
     from .models.autoencoder import BinaryAutoencoder
 
-    return BinaryAutoencoder.encoder_parameters(config.ae_ddconfig) * torch.empty((), dtype=dtype).element_size()
+    ddconfig = config.vae_ddconfig if hasattr(config, "vae_ddconfig") else config.ae_ddconfig
+    return BinaryAutoencoder.encoder_parameters(ddconfig) * torch.empty((), dtype=dtype).element_size()
 
 
 def plan_on_device(model, serving: ServingConfig, engine_config) -> MemoryPlan:
     """The engine's start-up plan on CUDA, weights already loaded: the KV cache gets what the free memory
-    leaves after the measured peak of a max-batch step and the allocator slack (at most
+    leaves after the measured peak of a max-batch step, the graph pool and the allocator slack (at most
     ``max_batch_requests`` requests). Logged; ``Engine.memory_plan`` keeps it."""
     t0 = time.perf_counter()
     device = model.placement.device
     free, total = torch.cuda.mem_get_info(device)
     slack = int(RESERVED_FRACTION * total)
     h, w = max(serving.size_policy(model.config).allowed(), key=lambda s: s[0] * s[1])
-    _, shapes, n, pf, ps = _solve_fake(model.config, model.tokenizer, model.llm.dtype, serving, engine_config,
-                                       (h, w), lambda _: free - slack, cap=engine_config.max_batch_requests)
+    dtype = model.placement.dtype
+    _, _, _, shapes, n, pf, ps, pool = _solve_fake(
+        model.config, getattr(model, "tokenizer", None), dtype, serving, engine_config, (h, w),
+        lambda _: free - slack, cap=engine_config.max_batch_requests, device=device)
     by_module = module_bytes(model)  # as loaded (quantised or not)
     reserved = total - free - sum(by_module.values()) + slack  # context and workspaces measured, plus the slack
-    p = _make_plan(by_module, shapes, n, pf, ps, reserved, total, model.config, model.llm.dtype, (h, w), t0)
-    logger.info("memory plan on %s: %d requests at %dx%d, KV %s, predicted peak step %s, prefill %s, free %s "
-                "(%.1f s)", device, n, w, h, gib(p.kv_bytes), gib(ps), gib(pf), gib(free), p.plan_s)
+    p = _make_plan(by_module, shapes, n, pf, ps, pool, reserved, total, model.config, dtype, (h, w), t0, device.type)
+    logger.info("memory plan on %s: %d requests at %dx%d, KV %s, predicted peak step %s, prefill %s, graph pool %s, "
+                "free %s (%.1f s)", device, n, w, h, gib(p.kv_bytes), gib(ps), gib(pf), gib(pool), gib(free),
+                p.plan_s)
     return p
 
 
 def measure_warm_step(engine) -> dict:
     """On CUDA: run a warm max-batch step (the largest size, guidance on) and compare its measured peak with
     the plan's prediction. Returns {"predicted_bytes", "measured_bytes", "requests"} and logs it."""
-    from .engine.protocol import GenerationRequest
-
     dev = engine.device
     h, w = max(engine.sizes.allowed(), key=lambda s: s[0] * s[1])
     n = engine.scheduler.config.total_rows // 2
     n = min(n, engine.config.max_batch_requests)
     for i in range(n):
-        engine.add_request(GenerationRequest(f"__plan_check_{i}__", "memory check", h, w, seed=i, steps=PLAN_STEPS,
-                                             guidance_scale=2.0, preview_every=0))
+        engine.add_request(engine.family.example_request(f"__plan_check_{i}__", h, w, seed=i, steps=PLAN_STEPS,
+                                                         guidance_scale=2.0, preview_every=0))
     engine.step()  # prefill + AR step 1 (warms the kernels of this batch)
     while engine.num_waiting:  # admission is spread over steps (max_prefill_rows)
         engine.step()
@@ -414,11 +496,23 @@ def measure_warm_step(engine) -> dict:
 
 
 def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
-    from .checkpoints import get_preset, model_config, write_tokenizer
+    """A text-to-image preset (``checkpoints.PRESETS``) or a class-conditional one (``imagenet-b-4x``, ...)."""
+    from .checkpoints import PRESETS, get_preset, model_config, write_tokenizer
     from .device import resolve
+    from .imagenet.checkpoints import CLASS_PRESETS
     from .weights import load_tokenizer
 
-    p = get_preset(preset)
+    if preset in CLASS_PRESETS and preset not in PRESETS:
+        from .imagenet.family import refuse_quantize
+
+        if kw.get("build") is not None:
+            refuse_quantize("int8")
+        return plan(CLASS_PRESETS[preset].config(), None, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size,
+                    **kw)
+    try:
+        p = get_preset(preset)
+    except ValueError:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *CLASS_PRESETS])}") from None
     with tempfile.TemporaryDirectory(prefix="bitdance-plan-") as tmp:
         n_tok = write_tokenizer(p, tmp)
         tokenizer = load_tokenizer(tmp)

@@ -137,7 +137,9 @@ def euler_maruyama(
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     """A small host tensor to the device without a stream sync on CUDA (pinned, non-blocking)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    from .device import to_device
+
+    return to_device(t, device)
 
 
 def binarize(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from bitdance_core import memory_plan as mp
 from bitdance_core.checkpoints import get_preset, model_config
 from bitdance_core.engine.engine import EngineConfig
-from bitdance_core.fake_memory import LiveBytes
+from bitdance_core.fake_memory import FakeMode, LiveBytes
 from bitdance_core.serving_config import ServingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,12 +140,70 @@ def test_plan_adds_up(tiny):
     assert p.kv_rows == 2 * p.max_concurrent_requests
     assert p.kv_bytes == p.kv_rows * p.kv_tokens_per_row * p.kv_bytes_per_token_row
     assert p.total_bytes <= gpu
-    with FakeTensorMode(allow_non_fake_inputs=True):  # one more request would not fit
-        more = mp.measure_peaks(mp.fake_model(cfg, tok, torch.float32), serving, EngineConfig(), TINY_SIZE,
-                                p.max_concurrent_requests + 1)
+    assert p.device == "cuda" and p.graph_pool_bytes > 0  # the CUDA path, its graph pool a term of its own
+    with FakeMode():  # one more request would not fit
+        more = mp.measure_peaks(mp.fake_model(cfg, tok, torch.float32, device=mp.plan_device()), serving,
+                                EngineConfig(), TINY_SIZE, p.max_concurrent_requests + 1)
     kv_req = 2 * p.kv_tokens_per_row * p.kv_bytes_per_token_row
-    assert p.total_bytes - max(p.peak_prefill_bytes, p.peak_step_bytes) + kv_req + more["step"] > gpu
+    assert (p.total_bytes - max(p.peak_prefill_bytes, p.peak_step_bytes) - p.graph_pool_bytes + kv_req
+            + max(more["prefill"], more["step"]) + more["graph_pool"]) > gpu
     assert set(p.as_json()) == set(mp.JSON_KEYS)
+
+
+def test_plan_runs_the_cuda_path(tiny):
+    """The plan's engine runs on fake ``cuda`` tensors: the CUDA branches (key lengths rounded to KEY_BUCKET, the
+    folded GQA attention) and the graph pool are measured; with graphs off the captured functions' bytes are in
+    the step instead."""
+    from bitdance_core.engine import runner
+
+    cfg, tok, serving = tiny
+    seen = []
+    real_feed = runner.Runner._prior_fn
+
+    def spy(self, R, key_len):
+        seen.append((self.device.type, key_len, self.cache.max_len))
+        return real_feed(self, R, key_len)
+
+    with FakeMode(), mock.patch.object(runner.Runner, "_prior_fn", spy):
+        model = mp.fake_model(cfg, tok, torch.bfloat16, device=mp.plan_device())
+        mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 1)  # process-wide caches filled once
+        on = mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 2)
+        off = mp.measure_peaks(model, serving, EngineConfig(cuda_graphs="off"), TINY_SIZE, 2)
+        shared: dict = {}  # the plan's runs share the decode's measurement (it depends on the decode batch only)
+        mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 3, decode_cache=shared)
+        assert mp.measure_peaks(model, serving, EngineConfig(), TINY_SIZE, 2, decode_cache=shared) == on
+    assert seen and all(d == "cuda" and (k % runner.KEY_BUCKET == 0 or k == top) for d, k, top in seen), seen
+    assert on["graph_pool"] > 0 and off["graph_pool"] == 0
+    assert off["ar_step"] > on["ar_step"]  # graphs off: the captured functions' transient is the step's
+
+
+def test_class_conditional_plan(tmp_path):
+    """``bitdance plan`` for a class-conditional preset: the family builds the model and makes the requests."""
+    p = mp.plan_preset("imagenet-tiny", 2**30, "bfloat16", reserved_bytes=2**30 - 64 * 2**20)
+    assert p.fits and p.max_concurrent_requests >= 1 and p.size == (256, 256) and p.device == "cuda"
+    assert [k for k, _ in p.weights_by_module] == ["transformer", "head", "ae"]
+    with pytest.raises(ValueError, match="unquantised"):
+        mp.plan_preset("imagenet-tiny", 2**30, build=object())
+    with pytest.raises(ValueError, match="256x256 only"):
+        mp.plan_preset("imagenet-tiny", 2**30, size=(512, 512))
+
+
+def test_does_not_fit_says_what_would(tiny):
+    """A plan that does not fit names what would fit one request: --quantize int8 (its weights built as that load
+    keeps them), a smaller size, and the device size one request needs."""
+    cfg, tok, serving = tiny
+    none = mp.plan(cfg, tok, torch.bfloat16, 2**20, size=TINY_SIZE, reserved_bytes=0)
+    assert not none.fits and none.max_concurrent_requests == 0
+    need = (none.weights_bytes + 2 * none.kv_tokens_per_row * none.kv_bytes_per_token_row
+            + max(none.peak_prefill_bytes, none.peak_step_bytes) + none.graph_pool_bytes)
+    assert any(x.startswith(f"a device of at least {mp.gib(need)}") for x in none.suggestions), none.suggestions
+    from bitdance_core.quantize import fake_build
+
+    with FakeMode():
+        w8 = sum(mp.module_bytes(mp.fake_model(cfg, tok, torch.bfloat16, fake_build("int8"))).values())
+    gpu = need - (none.weights_bytes - w8) // 2  # between the int8 need and the bfloat16 need
+    p = mp.plan(cfg, tok, torch.bfloat16, gpu, size=TINY_SIZE, reserved_bytes=0)
+    assert not p.fits and any(s.startswith("--quantize int8") for s in p.suggestions), p.suggestions
 
 
 def _cli(*args):
@@ -169,6 +228,10 @@ def test_cli_model_dir_and_not_fitting_exit_1():
     out = json.loads(r.stdout)
     assert list(out) == list(mp.JSON_KEYS) and out["fits"] is False and out["max_concurrent_requests"] == 0
     assert "does not fit" in r.stderr and "needs" in r.stderr and "1.00 GiB" in r.stderr
+    assert (r.stdout + r.stderr).count("does not fit") == 1, r.stderr  # said once
+    assert "what would fit one request" in r.stderr and "a device of at least" in r.stderr
+    assert "bitdance plan: N=1: admission step 1" in r.stderr  # progress: one line per measured step
+    assert "bitdance plan: N=1: final decode" in r.stderr
     r = _cli("--preset", "nope", "--gpu-memory", "8GiB")
     assert r.returncode == 2 and "unknown preset" in r.stderr
     r = _cli("--preset", "tiny", "--gpu-memory", "lots")

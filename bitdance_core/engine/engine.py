@@ -23,6 +23,7 @@ import time
 import numpy as np
 import torch
 
+from ..device import generator
 from ..models.kv_cache import KVCache
 from ..serving_config import ServingConfig
 from ..weights import LoadedModel
@@ -120,7 +121,7 @@ class Engine:
             req=req, prep=self.family.prepare(req),
             preview_every=self.preview_every_for(req.height, req.width) if req.preview_every is None
             else req.preview_every,
-            generator=torch.Generator(device=self.device).manual_seed(req.seed),
+            generator=generator(self.device, req.seed),
         )
         reason = self.scheduler.submit(Ticket(req.request_id, st.rows, st.seq_len(self.P), st.arrival))
         if reason is not None:

@@ -55,8 +55,10 @@ implements the same members with its own RoPE and attention layout, reusing ``At
 * ``dtype``, ``device``; ``kv_layout()`` -> ``(layers, kv_heads, head_dim)``: the engine
   allocates ``KVCache(layers, rows, max_len, kv_heads, head_dim)`` from it;
 * ``rope(positions (R, L) long, dtype)`` -> ``(cos, sin)``, each ``(R, L, X)``, a function of each
-  position alone: the runner builds the table of every cache position once and gathers rows
-  (``X`` and the rotation that consumes it are the transformer's business);
+  position alone: the runner builds the table of every cache position once and gathers rows into
+  buffers of the dtype ``rope`` returned (``X``, the table's dtype and the rotation that consumes it
+  are the transformer's business: Qwen3 casts to ``dtype`` as HF does; the class-conditional
+  transformer keeps float32 whatever ``dtype``, as the reference rotates in float32);
 * ``plan_cached(cache, slots, new_tokens, length, block)``: a prefill plan from host lengths
   (advances ``cache.lengths``);
 * ``plan_step(cache, buf, rows, key_len)``: the fixed-shape block step over slots
@@ -167,6 +169,27 @@ class ModelFamily(ABC):
 
         return GenerationRequest(request_id, "warm up", height, width, **kw)
 
+    # ---- what the memory plan asks (memory_plan.py knows no model kind) ---------------------
+
+    MODULES: tuple[str, ...] = ()  # the model's modules the family serves with (their bytes are the weights)
+
+    def module_bytes(self) -> dict[str, int]:
+        """Bytes of the parameters and buffers of each module the family serves with, as built (quantised or not)."""
+        return self.model_bytes(self.model)
+
+    @classmethod
+    def model_bytes(cls, model) -> dict[str, int]:
+        from ..quantize import module_bytes
+
+        return {name: module_bytes(getattr(model, name)) for name in cls.MODULES}
+
+    def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
+                      distinct: int) -> list:
+        """The memory plan's ``n`` worst-case requests (one image each, guided): the longest prefixes, with at
+        most ``distinct`` different unconditional prefixes (the prefix cache's entries)."""
+        return [self.example_request(f"plan-{i}", height, width, seed=i, steps=steps, guidance_scale=guidance,
+                                     preview_every=0) for i in range(n)]
+
     def info(self) -> dict:
         return {"kind": self.kind}
 
@@ -175,6 +198,7 @@ class TextToImage(ModelFamily):
     """Qwen3 prior, prompts (and negative prompts) as the condition, 2-D sincos position table."""
 
     kind = "text-to-image"
+    MODULES = ("llm", "head", "projector", "ae")  # no lm_head, no AE encoder
 
     def __init__(self, model: LoadedModel, serving: ServingConfig):
         cfg = model.config
@@ -233,6 +257,59 @@ class TextToImage(ModelFamily):
     def latent(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return unpatchify_tokens(tokens, h, w, self.patch_side)
 
+    def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
+                      distinct: int) -> list:
+        from .protocol import GenerationRequest
+
+        limit = self.serving.limits.max_prompt_tokens
+        prompt = _longest_text(self.prompts, limit, "a photo of ")
+        negative = _longest_text(self.prompts, limit - 2, "blurry ")
+        return [GenerationRequest(f"plan-{i}", prompt, height, width, seed=i, steps=steps, guidance_scale=guidance,
+                                  negative_prompt=f"{i % max(1, distinct)} {negative}", preview_every=0)
+                for i in range(n)]
+
+
+def _longest_text(prompts, limit: int, word: str) -> str:
+    """A prompt of at most ``limit`` user tokens, as long as the tokenizer allows."""
+    per = max(1, prompts.count_user_tokens(word * 8) // 8)
+    n = max(1, limit // per)
+    while n > 1 and prompts.count_user_tokens(word * n) > limit:
+        n -= 1
+    return (word * n).strip()
+
+
+def fake_text_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A text-to-image ``LoadedModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``), as
+    ``load_model`` builds it: modules on ``meta``, then every state-dict entry adopted as a fake tensor of
+    ``dtype``. ``build(config, dtype)`` may replace this (e.g. a quantising builder)."""
+    from ..device import Placement
+    from ..weights import build_modules
+
+    with torch.device(device):
+        if build is not None:
+            modules = build(config, dtype)
+        else:
+            modules = build_modules(config, with_encoder=False)
+            for m in modules:
+                state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                         for k, v in m.state_dict(keep_vars=True).items()}
+                m.load_state_dict(state, strict=True, assign=True)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return LoadedModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
+                       tokenizer)
+
+
+def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A model of fake tensors of the kind ``config`` describes (text-to-image or class-conditional)."""
+    from ..imagenet.config import ClassModelConfig
+
+    if isinstance(config, ClassModelConfig):
+        from ..imagenet.family import fake_class_model
+
+        return fake_class_model(config, dtype, device, build=build)
+    return fake_text_model(config, dtype, device, tokenizer=tokenizer, build=build)
+
 
 def default_serving(model) -> ServingConfig:
     """A model's serving defaults when none are given (a class-conditional model has its own)."""
@@ -245,12 +322,16 @@ def default_serving(model) -> ServingConfig:
     return ServingConfig.for_model(model.config)
 
 
-def family_for(model, serving: ServingConfig) -> ModelFamily:
+def family_class(model) -> type[ModelFamily]:
     """The family of a loaded model: class-conditional for a ``LoadedClassModel``, else text-to-image."""
     from ..imagenet.loader import LoadedClassModel
 
     if isinstance(model, LoadedClassModel):
         from ..imagenet.family import ClassConditional
 
-        return ClassConditional(model, serving)
-    return TextToImage(model, serving)
+        return ClassConditional
+    return TextToImage
+
+
+def family_for(model, serving: ServingConfig) -> ModelFamily:
+    return family_class(model)(model, serving)

@@ -48,7 +48,7 @@ class PreviewRenderer:
         rgb = F.avg_pool2d(img, self.f)  # (S, 3, grid, grid)
         x = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, self.c), torch.ones(samples * grid * grid, 1)], dim=1)
         y = rgb.permute(0, 2, 3, 1).reshape(-1, 3)
-        self.linear = torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
+        self.linear = torch.linalg.pinv(x) @ y  # (C + 1, 3) least squares (pinv: fixed shapes, so fake tensors too)
 
     @torch.inference_mode()
     def render(self, tokens: torch.Tensor, h: int, w: int) -> np.ndarray:

@@ -151,6 +151,7 @@ def build_engine(config: WorkerConfig):
     """Load the model and build a warmed-up engine (also used by benchmarks in-process)."""
     from .. import attention
     from ..cpu_threads import apply_thread_policy
+    from ..device import bind
     from ..serving_config import ServingConfig
     from ..weights import load_model
     from .engine import Engine
@@ -158,15 +159,14 @@ def build_engine(config: WorkerConfig):
     if config.threads:  # a CPU worker: the CPU thread policy (its OMP_WAIT_POLICY came with its environment)
         apply_thread_policy(config.threads, getattr(config, "interop_threads", None), wait_policy=None)
     attention.set_backend(config.attention_backend)
+    bind(config.device)  # before anything touches CUDA: streams, graphs and pinned memory belong to this device
     from ..diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
 
     if checkpoint_layout(Path(config.model_dir)) in (CLASS_PT, CLASS_DIFFUSERS):  # BitDance_*.pt or a diffusers one
-        from ..imagenet.family import serving_for
+        from ..imagenet.family import refuse_quantize, serving_for
         from ..imagenet.loader import load_class_model
 
-        if config.quantize not in (None, "none"):
-            raise ValueError(f"--quantize {config.quantize} applies to text-to-image checkpoint directories; "
-                             "class-conditional models are served unquantised (use --quantize none)")
+        refuse_quantize(config.quantize)  # the family's answer
         model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
                                  model_args=config.model_args)
         serving = serving_for(model)

@@ -20,6 +20,7 @@ from .config import DEFAULT_STEPS
 def generate_class_conditional(args, CLIError, output_paths) -> int:
     from tqdm import tqdm
 
+    from .family import refuse_quantize
     from .pipeline import ClassConditionalPipeline
 
     if args.negative_prompt is not None:
@@ -27,9 +28,10 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
                        "the null class)")
     if args.height is not None or args.width is not None:
         raise CLIError("a class-conditional model generates one size only (256x256); drop --height/--width")
-    if getattr(args, "quantize", "none") != "none":
-        raise CLIError(f"--quantize {args.quantize} applies to text-to-image checkpoint directories; "
-                       "class-conditional models run unquantised")
+    try:
+        refuse_quantize(getattr(args, "quantize", "none"))  # the family's answer
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     try:
         pipe = ClassConditionalPipeline.from_checkpoint(args.model, device=args.device, dtype=args.dtype,
                                                         vae=args.vae, model_args=args.model_args)

@@ -16,18 +16,44 @@ from ..engine.family import ModelFamily, Prepared
 from ..models.projector import unpatchify_tokens
 from ..serving_config import InvalidRequest, Limits, ServingConfig
 from .classes import class_names, label_for_prompt
-from .config import CFG_SCHEDULES, DEFAULT_STEPS
+from .config import CFG_SCHEDULES, DEFAULT_STEPS, ClassModelConfig
 from .loader import LoadedClassModel
 from .pipeline import check_labels, guidance_at
 
 NULL_KEY = ("class-conditional", "null")
 
 
-def serving_for(model: LoadedClassModel, limits: Limits | None = None) -> ServingConfig:
-    """The serving defaults of a class-conditional model: its one size, 100 steps, the released guidance."""
-    cfg = model.config
+def serving_for(model: LoadedClassModel | ClassModelConfig, limits: Limits | None = None) -> ServingConfig:
+    """The serving defaults of a class-conditional model (or config): its one size, 100 steps, the released
+    guidance."""
+    cfg = model if isinstance(model, ClassModelConfig) else model.config
     return ServingConfig(default_size=cfg.size, default_steps=DEFAULT_STEPS, default_guidance=cfg.default_guidance,
                          sizes=(cfg.size,), limits=limits or Limits())
+
+
+def refuse_quantize(mode: str | None) -> None:
+    """Class-conditional models are served unquantised: any other ``--quantize`` is refused, with the reason."""
+    if mode not in (None, "none"):
+        raise ValueError(f"--quantize {mode} applies to text-to-image checkpoint directories; class-conditional "
+                         "models are served unquantised (use --quantize none)")
+
+
+def fake_class_model(config: ClassModelConfig, dtype: torch.dtype, device: torch.device, *, build=None):
+    """A ``LoadedClassModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``): the memory plan's."""
+    from ..device import Placement
+    from .loader import build_modules
+
+    if build is not None:
+        raise ValueError("class-conditional models are planned unquantised")
+    modules = build_modules(config)
+    with torch.device(device):
+        for m in modules:
+            state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                     for k, v in m.state_dict(keep_vars=True).items()}
+            m.load_state_dict(state, strict=True, assign=True)
+            m.eval().requires_grad_(False)
+    return LoadedClassModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
+                            path=f"<plan {config.name}>", weights="model", vae_path=None)
 
 
 def request_labels(req, num_classes: int) -> list[int]:
@@ -47,6 +73,7 @@ def request_labels(req, num_classes: int) -> list[int]:
 
 class ClassConditional(ModelFamily):
     kind = "class-conditional"
+    MODULES = ("transformer", "head", "ae")  # no AE encoder
 
     def __init__(self, model: LoadedClassModel, serving: ServingConfig):
         cfg = model.config
@@ -101,7 +128,8 @@ class ClassConditional(ModelFamily):
     def example_request(self, request_id: str, height: int, width: int, **kw):
         from ..engine.protocol import GenerationRequest
 
-        return GenerationRequest(request_id, "", height, width, class_label=(0,), **kw)
+        label = kw.get("seed", 0) % self.config.num_classes  # a different class per seed
+        return GenerationRequest(request_id, "", height, width, class_label=(label,), **kw)
 
     def info(self) -> dict:
         cfg = self.config

@@ -175,7 +175,8 @@ class ClassTransformer(nn.Module):
     # ---- plans -------------------------------------------------------------------------------
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (R, L) sequence indices -> cos, sin (R, L, head_dim / 2) float32 (a table lookup)."""
+        """positions (R, L) sequence indices -> cos, sin (R, L, head_dim / 2) float32 whatever ``dtype`` (a table
+        lookup; ``rotate_pairs`` rotates in float32, as the reference): callers keep the dtype returned."""
         if self._rope is None or self._rope[0].device != positions.device:
             cos, sin = rope_table(self.cfg)
             self._rope = (cos.to(positions.device), sin.to(positions.device))
