@@ -39,7 +39,11 @@ def golden_requests(model_dir: Path) -> list[GenerationRequest]:
 
 
 def run(model, reqs) -> dict[str, dict]:
-    engine = Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="off"))
+    return drain(Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="off")), reqs)
+
+
+def drain(engine: Engine, reqs) -> dict[str, dict]:
+    """Submit ``reqs`` and step ``engine`` until they are done: each request's ``completed`` data by id."""
     out = {}
     for r in reqs:
         engine.add_request(r)

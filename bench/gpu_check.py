@@ -49,7 +49,6 @@ import gpu_check_class  # noqa: E402
 
 from bitdance_core import attention  # noqa: E402
 from bitdance_core.engine.engine import Engine, EngineConfig  # noqa: E402
-from bitdance_core.engine.protocol import EventKind  # noqa: E402
 from bitdance_core.engine.recorded_graph import RecordingBackend  # noqa: E402
 from bitdance_core.weights import load_model  # noqa: E402
 
@@ -69,16 +68,7 @@ class _NoHostSync(TorchDispatchMode):
 
 def _tokens(model, reqs, engine: Engine | None = None, **cfg) -> dict:
     engine = engine or Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), **cfg))
-    out = {}
-    for r in reqs:
-        engine.add_request(r)
-    while engine.has_work():
-        for ev in engine.step():
-            if ev.kind is EventKind.FAILED:
-                raise RuntimeError(f"{ev.request_id}: {ev.data}")
-            if ev.kind is EventKind.COMPLETED:
-                out[ev.request_id] = ev.data["tokens"]
-    return out
+    return {rid: data["tokens"] for rid, data in bench_bf16.drain(engine, reqs).items()}
 
 
 def _agreement(a: dict, b: dict) -> float:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_bf16 import drain
 
 from bitdance_core.engine.engine import Engine, EngineConfig
-from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.engine.protocol import GenerationRequest
 from bitdance_core.imagenet.checkpoints import build_random_class_model
 from bitdance_core.imagenet.config import DEFAULT_STEPS
 from bitdance_core.imagenet.loader import load_class_model
@@ -34,19 +35,6 @@ LATENCY_TARGET = 1.1  # engine batch-1 latency over the batch sampler's
 
 def _labels(n: int) -> list[int]:
     return [(207 + 131 * i) % 1000 for i in range(n)]
-
-
-def _run(engine: Engine, reqs) -> dict:
-    out = {}
-    for r in reqs:
-        engine.add_request(r)
-    while engine.has_work():
-        for ev in engine.step():
-            if ev.kind is EventKind.FAILED:
-                raise RuntimeError(f"{ev.request_id}: {ev.data.get('message')}")
-            if ev.kind is EventKind.COMPLETED:
-                out[ev.request_id] = ev.data
-    return out
 
 
 def _sync(device: str) -> float:
@@ -71,7 +59,7 @@ def check_bf16(device: str, smoke: bool) -> tuple:
                                      model_args=FIXTURE / "model_args_4x.json")
             if smoke:  # a bf16 decode at 256x256 takes minutes on a CPU: tokens only
                 _stub_decode(model.ae)
-            runs[dtype] = _run(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
+            runs[dtype] = drain(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
     except Exception as e:  # noqa: BLE001 - the row reports it
         return name, f"failed: {type(e).__name__}: {str(e)[:160]}", "step-0 bits >= 0.95", "FAIL"
     P = model.config.parallel_num
@@ -104,7 +92,7 @@ def _engine_vs_batch(model, device: str, n: int, steps: int, engine: Engine) -> 
                               steps=steps, guidance_scale=g, class_label=(lab,), preview_every=0)
             for i, lab in enumerate(_labels(n))]
     t0 = _sync(device)
-    _run(engine, reqs)
+    drain(engine, reqs)
     t1 = _sync(device)
     pipe(_labels(n), seed=11, steps=steps, guidance_scale=g)
     t2 = _sync(device)
