@@ -139,7 +139,10 @@ def _standins(state: CudaState) -> dict:
             self.device: int | None = None
 
         def capture_begin(self, pool=None, capture_error_mode="global") -> None:
-            pass
+            # CUDA captures on the current stream (of the current device, unless a stream context says otherwise)
+            dev = active[-1].device.index if active else state.current
+            state.captures.append(dev)
+            self.device = dev
 
         def capture_end(self) -> None:
             pass
@@ -158,9 +161,8 @@ def _standins(state: CudaState) -> dict:
             self.cuda_graph, self.stream = cuda_graph, stream or Stream()  # CUDA's: a new stream, current device
 
         def __enter__(self):
-            state.captures.append(self.stream.device.index)
-            self.cuda_graph.device = self.stream.device.index
             active.append(self.stream)
+            self.cuda_graph.capture_begin()  # records the capture stream's device
 
         def __exit__(self, *exc):
             active.pop()
