@@ -189,7 +189,8 @@ class Shapes:
 def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
     from .engine.engine import Engine
 
-    probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1), serving)
+    probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1, cuda_graphs="off"),
+                   serving)  # a shape probe: no graph set (a CPU build has no CUDA graph pool to make)
     return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
 
 
