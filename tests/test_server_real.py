@@ -182,7 +182,8 @@ def test_disconnect_cancels_in_the_worker(srv: LiveServer, endless: dict[str, An
         for kind, _ in iter_sse(r.iter_lines()):
             if kind == "progress":
                 break
-        busy = next(w for w in srv.info()["workers"] if w["in_flight"] == 1)
+        busy = wait_for(lambda: next((w for w in srv.info()["workers"] if w["in_flight"] == 1), None), 10,
+                        "a worker with the one request in flight")  # an earlier test's cancel may still be settling
         before = wait_for(lambda: (e := _engine(srv, busy["index"]))["used_rows"] > 0 and e, 5, "rows in use")
     wait_for(lambda: _engine(srv, busy["index"])["cancelled"] == before["cancelled"] + 1, 20, "the engine's cancel")
     after = _engine(srv, busy["index"])
