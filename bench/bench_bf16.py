@@ -56,6 +56,16 @@ def drain(engine: Engine, reqs) -> dict[str, dict]:
     return out
 
 
+def compare(r, a: dict, b: dict, P: int) -> dict:
+    """One request's float32 (``a``) vs bfloat16 (``b``) results: first-block and whole-image token bits, pixels."""
+    ta, tb = a["tokens"], b["tokens"]
+    ia, ib = a["images"].astype(np.float64), b["images"].astype(np.float64)
+    return {"case": r.request_id, "size": f"{r.width}x{r.height}", "guidance": r.guidance_scale,
+            "first_step_bits": float((ta[:, :P] == tb[:, :P]).float().mean()),
+            "image_bits": float((ta == tb).float().mean()),
+            "image_mean_abs": float(np.abs(ia - ib).mean()), "image_max_abs": float(np.abs(ia - ib).max())}
+
+
 def measure(model_dir: Path = FIXTURE, device: str = "cpu", cases: list[int] | None = None,
             invariance: bool = True) -> dict:
     """``cases``: these golden cases only (indices); ``invariance``: also the bf16 alone-vs-mixed run."""
@@ -67,12 +77,7 @@ def measure(model_dir: Path = FIXTURE, device: str = "cpu", cases: list[int] | N
     for r in reqs:
         a, b = run(fp32, [r])[r.request_id], run(bf16, [r])[r.request_id]
         alone16[r.request_id] = b
-        ta, tb = a["tokens"], b["tokens"]
-        ia, ib = a["images"].astype(np.float64), b["images"].astype(np.float64)
-        cases.append({"case": r.request_id, "size": f"{r.width}x{r.height}", "guidance": r.guidance_scale,
-                      "first_step_bits": float((ta[:, :P] == tb[:, :P]).float().mean()),
-                      "image_bits": float((ta == tb).float().mean()),
-                      "image_mean_abs": float(np.abs(ia - ib).mean()), "image_max_abs": float(np.abs(ia - ib).max())})
+        cases.append(compare(r, a, b, P))
     if not invariance:
         return {"device": device, "cases": cases}
     extra = GenerationRequest("extra", "an extra request sharing the batch", 64, 64, seed=99, steps=6,
@@ -105,12 +110,7 @@ def measure_class(fixture: Path = CLASS_FIXTURE, device: str = "cpu") -> dict:
     cases = []
     for r in class_requests(fixture):
         a, b = run(fp32, [r])[r.request_id], run(bf16, [r])[r.request_id]
-        ta, tb = a["tokens"], b["tokens"]
-        ia, ib = a["images"].astype(np.float64), b["images"].astype(np.float64)
-        cases.append({"case": r.request_id, "size": f"{r.width}x{r.height}", "guidance": r.guidance_scale,
-                      "first_step_bits": float((ta[:, :P] == tb[:, :P]).float().mean()),
-                      "image_bits": float((ta == tb).float().mean()),
-                      "image_mean_abs": float(np.abs(ia - ib).mean()), "image_max_abs": float(np.abs(ia - ib).max())})
+        cases.append(compare(r, a, b, P))
     return {"device": device, "cases": cases}
 
 
