@@ -25,7 +25,7 @@ import torch
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.weights import load_model
+from bitdance_core.families.text_to_image.loader import load_model
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny-a"
 CLASS_FIXTURE = FIXTURE.parent / "reference-imagenet-tiny-a"
@@ -101,7 +101,7 @@ def class_requests(fixture: Path = CLASS_FIXTURE) -> list[GenerationRequest]:
 
 def measure_class(fixture: Path = CLASS_FIXTURE, device: str = "cpu") -> dict:
     """The same comparison for the class-conditional golden fixture (each case alone, float32 vs bfloat16)."""
-    from bitdance_core.imagenet.loader import load_class_model
+    from bitdance_core.families.class_conditional.loader import load_class_model
 
     ckpt, args = fixture / "BitDance_tiny_a_4x.pt", fixture / "model_args_4x.json"
     fp32 = load_class_model(ckpt, device, "float32", model_args=args)

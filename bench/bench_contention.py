@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
 
     from bitdance_core import default_model_dir
     from bitdance_core.engine.protocol import GenerationRequest, WorkerConfig
-    from bitdance_core.engine.worker import build_engine
+    from bitdance_core.worker.worker import build_engine
 
     model = args.model or default_model_dir()
     cfg = WorkerConfig(model_dir=model, threads=args.threads or None, interop_threads=args.interop or None)

@@ -26,7 +26,7 @@ import torch
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny-a"
 

@@ -7,7 +7,7 @@ Prints batch-1 latency against the memory-bandwidth floor (every AR step reads t
 times and the prior's once) and images/s at saturation against the compute ceiling (FLOPs per image
 from the cost model: 2 x params x tokens for prior and head). Uses ``EngineConfig(profile=True)`` for an
 exact per-phase split. Nothing is downloaded: the model is built on the device by
-``bitdance_core.checkpoints.build_random_model``.
+``bitdance_core.families.text_to_image.random_checkpoint.build_random_model``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 
 import torch
 
-from bitdance_core import attention
-from bitdance_core.checkpoints import build_random_model
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.quantize import MODES, quantize_module_, tensor_bytes
+from bitdance_core.families.text_to_image.random_checkpoint import build_random_model
+from bitdance_core.loading.quantize import MODES, quantize_module_, tensor_bytes
+from bitdance_core.models import attention
 from bitdance_core.serving_config import ServingConfig
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}

@@ -42,9 +42,9 @@ import torch
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.imagenet.checkpoints import build_random_class_model, write_class_checkpoint
-from bitdance_core.imagenet.loader import load_class_model
-from bitdance_core.imagenet.pipeline import ClassConditionalPipeline
+from bitdance_core.families.class_conditional.loader import load_class_model
+from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
+from bitdance_core.families.class_conditional.random_checkpoint import build_random_class_model, write_class_checkpoint
 
 PAPER_IMG_S = {"imagenet-b-1x": 11.0, "imagenet-b-4x": 24.0, "imagenet-b-16x": 90.0}
 
@@ -199,10 +199,10 @@ def measure_load(path: str, official_pattern: bool) -> dict:
     """In a fresh process: peak RSS of loading (ours: and after touching every weight kept)."""
     import argparse as ap
 
-    import bitdance_core.imagenet.loader as L
-    from bitdance_core.imagenet.heads import ClassHead
-    from bitdance_core.imagenet.resolve import resolve_config
-    from bitdance_core.imagenet.transformer import ClassTransformer
+    import bitdance_core.families.class_conditional.loader as L
+    from bitdance_core.families.class_conditional.heads import ClassHead
+    from bitdance_core.families.class_conditional.resolve import resolve_config
+    from bitdance_core.families.class_conditional.transformer import ClassTransformer
     from bitdance_core.models.autoencoder import BinaryAutoencoder
 
     with tempfile.TemporaryDirectory() as tmp:  # warm torch.load's lazy imports before measuring

@@ -2,7 +2,8 @@
 
     python bench/bench_pipeline.py [--model DIR] [--height 512 --width 512 --steps 50 --guidance 7.5]
 
-Without --model a random checkpoint of the ``bench`` preset (``bitdance_core.checkpoints``) is written to a temp
+Without --model a random checkpoint of the ``bench`` preset
+(``bitdance_core.families.text_to_image.random_checkpoint``) is written to a temp
 directory. Both pipelines run on the same checkpoint, device and dtype (float32 on CPU by default), same seed:
 
 1. ``baseline``: written here, it mirrors the official pipeline's call pattern (spec §4.5-4.6, §5.4, §10):
@@ -11,7 +12,7 @@ directory. Both pipelines run on the same checkpoint, device and dtype (float32 
    called with ``cat([x]*2)`` rows and the raw condition (so ``cond_embed`` is recomputed at each of the S+1
    evaluations), the sampler returning both identical halves, the projector run on the duplicated rows, and the
    final wasted prior call. The head, projector and decoder modules are ours (same arithmetic as the reference's).
-2. ``ours``: ``bitdance_core.pipeline.BitDancePipeline``.
+2. ``ours``: ``bitdance_core.families.text_to_image.pipeline.BitDancePipeline``.
 
 Each prints seconds per image and a profile split (prior / head / decoder / other), timed by wrapping the module
 calls; both wall time and process CPU time are reported (on a shared machine the CPU time, with one intra-op
@@ -39,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline, to_uint8
+from bitdance_core.families.text_to_image.prompts import COND_TEMPLATE, UNCOND_TEXT
 from bitdance_core.models.projector import pos2d_table, sincos_1d, unpatchify_tokens
-from bitdance_core.pipeline import BitDancePipeline, to_uint8
-from bitdance_core.prompts import COND_TEMPLATE, UNCOND_TEXT
 from bitdance_core.resolutions import POS_TABLE_ROWS
 from bitdance_core.sampling import LAST_STEP, time_increments
 
@@ -190,7 +191,7 @@ class ReferenceStyle:
 
 
 def instrument(pipe: BitDancePipeline, prof: Profile) -> None:
-    import bitdance_core.pipeline as pl
+    import bitdance_core.families.text_to_image.pipeline as pl
 
     m = pipe.model
     m.llm.forward = prof.wrap("prior", m.llm.forward)
@@ -220,7 +221,7 @@ def measure_load(model_dir: str) -> dict:
     """In this (fresh) process: import, reset the RSS peak, load, report."""
     import resource
 
-    from bitdance_core.weights import load_model, load_tokenizer
+    from bitdance_core.families.text_to_image.loader import load_model, load_tokenizer
 
     load_tokenizer(model_dir)  # warm transformers' lazy imports: library code is not the load
     rss0 = _status_kb("VmRSS")
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     model_dir = args.model
     if model_dir is None:
-        from bitdance_core.checkpoints import write_checkpoint
+        from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
 
         tmp = tempfile.TemporaryDirectory(prefix="bitdance-bench-")
         t0 = time.perf_counter()
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_memory:
         mem_dir = args.memory_model or model_dir
         if args.memory_model is None and args.model is None:  # a bigger random checkpoint: fixed costs blur a small one
-            from bitdance_core.checkpoints import write_checkpoint
+            from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
 
             mem_dir = str(write_checkpoint("bench-mem", Path(tmp.name) / "bench-mem", seed=0))
         print(f"\nloading {mem_dir} in a fresh process ...")

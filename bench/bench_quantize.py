@@ -39,9 +39,9 @@ import torch
 from safetensors.torch import load_file
 
 from bitdance_core import default_model_dir
-from bitdance_core import quantize as q
-from bitdance_core.pipeline import BitDancePipeline
-from bitdance_core.weights import load_model
+from bitdance_core.families.text_to_image.loader import load_model
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.loading import quantize as q
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "reference-tiny-a"
@@ -161,8 +161,8 @@ def _prior_step(pipe, rows: int = 2, iters: int = 5) -> float:
 _PEAK = r"""
 import json, sys
 from pathlib import Path
-from bitdance_core.quantize import tensor_bytes, torchao
-from bitdance_core.weights import load_model, load_tokenizer
+from bitdance_core.loading.quantize import tensor_bytes, torchao
+from bitdance_core.families.text_to_image.loader import load_model, load_tokenizer
 load_tokenizer(sys.argv[1]); torchao()
 def kb(f):
     return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f + ":"))
@@ -174,8 +174,8 @@ print(json.dumps({"peak": (kb("VmHWM") - before) * 1024, "kept": kept}))
 
 
 def memory(tmp: Path) -> None:
-    from bitdance_core.checkpoints import write_checkpoint
-    from bitdance_core.quantized_checkpoint import write_quantized
+    from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
+    from bitdance_core.loading.quantized_checkpoint import write_quantized
 
     print("\n## loading memory (bench-mem preset: LLM stored bf16, kept float32 or int8 on CPU)")
     d = write_checkpoint("bench-mem", tmp / "mem", seed=0)
@@ -187,7 +187,7 @@ def memory(tmp: Path) -> None:
         res = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"| {label} | {res['kept'] / 2**20:.0f} MiB | {res['peak'] / 2**20:.0f} MiB | "
               f"**{res['peak'] / res['kept']:.2f}x** |")
-    from bitdance_core.checkpoints import get_preset
+    from bitdance_core.families.text_to_image.random_checkpoint import get_preset
 
     print("\nBitDance-14B weights kept on a GPU (bf16 compute), by mode (analytic, as the plan counts them):")
     for preset in ("14b-64x", "14b-16x"):
@@ -262,7 +262,7 @@ def main() -> None:
         if "layers" in sections:
             layers()
         if "speed" in sections:
-            from bitdance_core.checkpoints import write_checkpoint
+            from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
 
             speed(args.repeat, write_checkpoint("bench", tmp / "bench", seed=0))
         if "memory" in sections:

@@ -47,10 +47,10 @@ import bench_bf16  # noqa: E402
 import bench_gpu  # noqa: E402
 import gpu_check_class  # noqa: E402
 
-from bitdance_core import attention  # noqa: E402
 from bitdance_core.engine.engine import Engine, EngineConfig  # noqa: E402
 from bitdance_core.engine.recorded_graph import RecordingBackend  # noqa: E402
-from bitdance_core.weights import load_model  # noqa: E402
+from bitdance_core.families.text_to_image.loader import load_model  # noqa: E402
+from bitdance_core.models import attention  # noqa: E402
 
 FIXTURE = bench_bf16.FIXTURE
 aten = torch.ops.aten
@@ -183,8 +183,8 @@ def check_bench(args) -> tuple[list[tuple], dict]:
 def check_quantize(args, bf16_out: dict) -> list[tuple]:
     """int8 and fp8 (``--quantize``) latency and throughput next to the bf16 run (issue #12); fp8 only where the
     device supports it (else one INFO row with the reason)."""
-    from bitdance_core import quantize as q
     from bitdance_core.device import resolve
+    from bitdance_core.loading import quantize as q
 
     rows = []
     n1, n = min(args.batches), max(args.batches)
@@ -213,7 +213,7 @@ def check_plan(bench_out: dict, n: int) -> tuple:
     """The plan's prediction for the bench's engine at n requests against what that run held."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bitdance_core import memory_plan as mp
+    from bitdance_core.planning import memory_plan as mp
 
     engine = bench_out["engine"]
     model, size = engine.model, bench_out["size"]

@@ -23,10 +23,10 @@ from bench_bf16 import drain
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import GenerationRequest
-from bitdance_core.imagenet.checkpoints import build_random_class_model
-from bitdance_core.imagenet.config import DEFAULT_STEPS
-from bitdance_core.imagenet.loader import load_class_model
-from bitdance_core.imagenet.pipeline import ClassConditionalPipeline
+from bitdance_core.families.class_conditional.config import DEFAULT_STEPS
+from bitdance_core.families.class_conditional.loader import load_class_model
+from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
+from bitdance_core.families.class_conditional.random_checkpoint import build_random_class_model
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-imagenet-tiny-a"
 THROUGHPUT_TARGET = 0.9  # engine images/s over the batch sampler's: per-request generators and row buckets cost

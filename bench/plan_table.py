@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from bitdance_core.memory_plan import parse_bytes, plan_preset
-from bitdance_core.quantize import MODES, fake_build
+from bitdance_core.loading.quantize import MODES, fake_build
+from bitdance_core.planning.memory_plan import parse_bytes, plan_preset
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ DELEGATES = {
 }
 
 
-QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.quantize.MODES, without importing torch for --help
+QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.loading.quantize.MODES, without importing torch for --help
 DTYPES = ("float32", "bfloat16", "float16")  # bitdance_core.device also takes fp32 / bf16 / fp16
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # what --output may end in
 
@@ -183,8 +183,8 @@ def _generate(args: argparse.Namespace) -> int:
     apply_thread_policy(args.threads)  # the server's CPU policy, before torch loads (OpenMP reads it once)
     from tqdm import tqdm
 
-    from .config import CheckpointError
-    from .pipeline import BitDancePipeline
+    from .families.text_to_image.config import CheckpointError
+    from .families.text_to_image.pipeline import BitDancePipeline
     from .resolutions import SizeError
     from .serving_config import ServingConfig
 
@@ -195,10 +195,10 @@ def _generate(args: argparse.Namespace) -> int:
             args.model = resolve_model_path(args.model)
         except CheckpointError as e:
             raise CLIError(f"cannot load {args.model}: {e}") from e
-    from .diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
+    from .loading.diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
 
     if args.model and checkpoint_layout(args.model) in (CLASS_PT, CLASS_DIFFUSERS):  # .pt or a diffusers folder
-        from .imagenet.cli import generate_class_conditional
+        from .families.class_conditional.cli import generate_class_conditional
 
         return generate_class_conditional(args, CLIError, output_paths)
     if args.class_label:
@@ -266,11 +266,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoints import PRESETS, write_checkpoint
-    from .imagenet.checkpoints import CLASS_PRESETS, write_class_checkpoint
+    from .families.class_conditional.random_checkpoint import CLASS_PRESETS, write_class_checkpoint
+    from .families.text_to_image.random_checkpoint import PRESETS, write_checkpoint
 
     if getattr(args, "layout", "official") == "diffusers" and (args.preset in CLASS_PRESETS or args.preset in PRESETS):
-        from .diffusers_checkpoints import write_diffusers_checkpoint
+        from .families.diffusers_checkpoints import write_diffusers_checkpoint
 
         out = write_diffusers_checkpoint(args.preset, args.output, seed=args.seed, dtype=args.dtype,
                                          max_shard_bytes=int(args.max_shard_gb * 2**30))
@@ -293,8 +293,8 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .config import CheckpointError
-    from .quantized_checkpoint import write_quantized
+    from .families.text_to_image.config import CheckpointError
+    from .loading.quantized_checkpoint import write_quantized
 
     try:
         out = write_quantized(args.model, args.output, args.quantize, device=args.device)
@@ -307,8 +307,8 @@ def _quantize(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from .config import CheckpointError
-    from .memory_plan import parse_bytes, plan_dir, plan_preset
+    from .families.text_to_image.config import CheckpointError
+    from .planning.memory_plan import parse_bytes, plan_dir, plan_preset
 
     try:
         gpu = parse_bytes(args.gpu_memory)
@@ -320,8 +320,8 @@ def _plan(args: argparse.Namespace) -> int:
         if not (x and w.isdigit() and h.isdigit()):
             raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
         size = (int(h), int(w))
-    from .quantize import fake_build
-    from .quantized_checkpoint import stored_mode
+    from .loading.quantize import fake_build
+    from .loading.quantized_checkpoint import stored_mode
 
     try:
         mode = args.quantize

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from .device import resolve
+from .families.text_to_image.pipeline import to_uint8
 from .models.autoencoder import BinaryAutoencoder
 from .models.projector import patchify, unpatchify_tokens
-from .pipeline import to_uint8
 from .tokenize import DEFAULT_MAX_SIDE, TokenizerSpec
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def attach_encoder(model) -> None:
 
 
 def _encoder_state(model) -> dict[str, torch.Tensor]:
-    from .imagenet.loader import LoadedClassModel, load_pickle
+    from .families.class_conditional.loader import LoadedClassModel, load_pickle
 
     if isinstance(model, LoadedClassModel):
         if model.vae_path is not None:
@@ -138,7 +138,7 @@ def load_autoencoder(path: str | Path, config: str | Path | None = None, device:
                                     f"{', '.join(p.format(stem=path.stem) for p in CONFIG_NAMES)}); give --ae-config")
         state = load_file(str(path))
     else:
-        from .imagenet.loader import load_pickle
+        from .families.class_conditional.loader import load_pickle
 
         obj = load_pickle(path)
         state = obj.get("state_dict") if isinstance(obj, dict) else None
@@ -146,7 +146,7 @@ def load_autoencoder(path: str | Path, config: str | Path | None = None, device:
             raise ValueError(f"{path.name}: expected a {{'state_dict': ...}} autoencoder file")
         state = {k: v for k, v in state.items() if not k.startswith("quantize.")}  # GFQ buffers: unused
         if cfg is None:
-            from .imagenet.resolve import ddconfig_from_shapes
+            from .families.class_conditional.resolve import ddconfig_from_shapes
 
             cfg = {"ddconfig": ddconfig_from_shapes(state, path.name), "gan_decoder": False}
     unknown = sorted(set(cfg) - {"ddconfig", "gan_decoder", "checkpoint", "num_codebooks"})

@@ -8,14 +8,14 @@
   exactly one is served; several are an error that lists them;
 * any other directory is left to the loaders, whose first failure says what is missing.
 
-Errors are :class:`~bitdance_core.config.CheckpointError`: no restart can fix them.
+Errors are :class:`~bitdance_core.families.text_to_image.config.CheckpointError`: no restart can fix them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .config import CheckpointError, ModelConfig
+from .families.text_to_image.config import CheckpointError, ModelConfig
 
 
 def class_checkpoints(directory: Path) -> list[Path]:

@@ -39,11 +39,11 @@ def load_tokenizer(args: argparse.Namespace):
     if is_autoencoder_file(model):
         return ImageTokenizer.from_file(model, args.ae_config, args.device, args.dtype)
     if Path(model).is_file():  # a class-conditional checkpoint
-        from .imagenet.loader import load_class_model
+        from .families.class_conditional.loader import load_class_model
 
         m = load_class_model(model, args.device, args.dtype, vae=args.vae, model_args=args.model_args)
         return ImageTokenizer.for_model(m, (tuple(m.config.size),))
-    from .config import ModelConfig
+    from .families.text_to_image.config import ModelConfig
     from .serving_config import ServingConfig
     from .tokenize import TokenizerSpec
 

@@ -19,12 +19,12 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from bitdance_core.engine.protocol import ErrorCode
-from server.docs import install_openapi
 from server.drain import retry_after_s
 from server.errors import count_rejection, install_error_handlers
 from server.jobs import JobStore
 from server.metrics import Metrics
 from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
+from server.openapi_text import install_openapi
 from server.routes import generate, health, jobs, openai, web
 from server.settings import Settings
 from server.worker_pool import WorkerPool

@@ -54,7 +54,7 @@ class Settings(BaseSettings):
         "(e.g. 'cuda:0,cuda:1' or 'cpu,cpu'); 'auto' = every GPU listed by `nvidia-smi -L`, else cpu.",
     )
     worker_target: str = Field(
-        "bitdance_core.engine.worker:worker_main",
+        "bitdance_core.worker.worker:worker_main",
         description="Import path 'module:function' of the worker main, called as fn(WorkerConfig, inbox, "
         "outbox) in a spawned process (tests point it at a fake worker).",
     )

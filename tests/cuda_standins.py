@@ -1,7 +1,7 @@
 """Stand-ins for what a CPU build of torch lacks, so the engine's real CUDA code runs on fake ``cuda`` tensors.
 
 ``fake_cuda(devices=2)`` is a context: inside it every tensor is a ``FakeTensorMode`` tensor (shape, dtype and
-device, no data, no kernel), tensors on ``cuda:N`` work (``bitdance_core.fake_memory.fake_cuda_ready``), and
+device, no data, no kernel), tensors on ``cuda:N`` work (``bitdance_core.planning.fake_memory.fake_cuda_ready``), and
 ``torch.cuda`` answers as a machine with ``devices`` GPUs would. Only these are stood in for, each as thin as it
 can be and each recording what it was asked, so the tier can check the device every call was meant for:
 
@@ -37,8 +37,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from bitdance_core import weights
-from bitdance_core.fake_memory import FakeMode, fake_cuda_ready
+from bitdance_core.families.text_to_image import loader as weights
+from bitdance_core.planning.fake_memory import FakeMode, fake_cuda_ready
 
 GiB = 1 << 30
 

@@ -1,4 +1,4 @@
-"""A torch-free stand-in for ``bitdance_core.engine.worker:worker_main`` (same signature).
+"""A torch-free stand-in for ``bitdance_core.worker.worker:worker_main`` (same signature).
 
 It speaks the real protocol (``bitdance_core.engine.protocol``) with a toy engine: step-level
 continuous batching of up to ``max_batch_requests`` requests, a bounded waiting queue, ``T =

@@ -1,4 +1,4 @@
-"""The real worker (``bitdance_core.engine.worker:worker_main``) with faults injected into its engine's step.
+"""The real worker (``bitdance_core.worker.worker:worker_main``) with faults injected into its engine's step.
 
 Used by the fault-ladder tests through a real server. A request whose prompt is
 - ``__device_error__`` makes the step raise a CUDA-style device error (fatal: the worker must exit);
@@ -29,7 +29,7 @@ def inject(engine) -> None:
 
 
 def worker_main(config, inbox, outbox) -> None:
-    from bitdance_core.engine import worker
+    from bitdance_core.worker import worker
 
     build = worker.build_engine
 

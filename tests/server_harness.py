@@ -26,14 +26,14 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 TINY_MODEL = TESTS / "fixtures" / "reference-tiny-a"
 FAKE_TARGET = "fake_worker:worker_main"
-REAL_TARGET = "bitdance_core.engine.worker:worker_main"
+REAL_TARGET = "bitdance_core.worker.worker:worker_main"
 
 
 def real_worker_available() -> bool:
     """The real worker is used when it exists, unless BITDANCE_TEST_WORKER=fake."""
     if os.environ.get("BITDANCE_TEST_WORKER") == "fake":
         return False
-    return (REPO / "bitdance_core" / "engine" / "worker.py").is_file()
+    return (REPO / "bitdance_core" / "worker" / "worker.py").is_file()
 
 
 def free_port() -> int:

@@ -214,7 +214,7 @@ def test_real_server_diffusers_checkpoint_same_images(tmp_path):
 def test_class_conditional_server_refuses(tmp_path):
     """A class-conditional diffusers folder serves (the worker dispatches it to the class loader) and the A1111
     routes refuse it clearly."""
-    from bitdance_core.diffusers_checkpoints import write_diffusers_checkpoint
+    from bitdance_core.families.diffusers_checkpoints import write_diffusers_checkpoint
 
     if not real_worker_available():
         pytest.skip("needs the real worker")

@@ -12,8 +12,8 @@ import torch
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.engine.worker import pack_tokens
-from bitdance_core.weights import load_model
+from bitdance_core.families.text_to_image.loader import load_model
+from bitdance_core.worker.worker import pack_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_bf16  # noqa: E402
@@ -115,7 +115,7 @@ def test_real_server_serves_a_class_conditional_model_in_bfloat16(tmp_path):
 
     from server_harness import LiveServer, decode_b64
 
-    from bitdance_core.imagenet.checkpoints import (
+    from bitdance_core.families.class_conditional.random_checkpoint import (
         CLASS_PRESETS,
         TINY,
         TINY_DDCONFIG,

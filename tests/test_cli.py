@@ -45,7 +45,7 @@ def test_generate_one_image(tmp_path, capsys):
 
 
 def test_generate_matches_pipeline(tmp_path, capsys):
-    from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
     out = tmp_path / "x.png"
     assert cli.main([*GEN, "--seed", "7", "--output", str(out), "--no-progress"]) == 0

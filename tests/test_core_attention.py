@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bitdance_core import attention as attn
+from bitdance_core.models import attention as attn
 from bitdance_core.models.diffusion_head import DiffusionHead
 
 AVAILABLE = ["sdpa"] + (["xformers"] if attn.xformers_available() else [])

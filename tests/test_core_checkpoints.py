@@ -11,10 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bitdance_core.checkpoints import PRESETS, build_random_model, get_preset, model_config, write_checkpoint
-from bitdance_core.config import ModelConfig
-from bitdance_core.pipeline import BitDancePipeline
-from bitdance_core.weights import build_modules, load_model
+from bitdance_core.families.text_to_image.config import ModelConfig
+from bitdance_core.families.text_to_image.loader import build_modules, load_model
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.random_checkpoint import (
+    PRESETS,
+    build_random_model,
+    get_preset,
+    model_config,
+    write_checkpoint,
+)
 
 FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
          "special_tokens_map.json", "ae_config.json", "ae.safetensors", "vision_head_config.json",

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 from bitdance_core.models.projector import pos2d_table
-from bitdance_core.pipeline import BitDancePipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 CASES = json.loads((FIXTURE / "golden.json").read_text())["cases"]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitdance_core.config import CheckpointError
-from bitdance_core.pipeline import BitDancePipeline
-from bitdance_core.weights import load_model
+from bitdance_core.families.text_to_image.config import CheckpointError
+from bitdance_core.families.text_to_image.loader import load_model
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -173,8 +173,8 @@ def test_explicit_dtype_override():
 _PEAK_CODE = r"""
 import json, sys, time
 from pathlib import Path
-from bitdance_core.quantize import tensor_bytes, torchao
-from bitdance_core.weights import load_model, load_tokenizer
+from bitdance_core.loading.quantize import tensor_bytes, torchao
+from bitdance_core.families.text_to_image.loader import load_model, load_tokenizer
 
 load_tokenizer(sys.argv[1])  # warm the lazy transformers (and torchao) imports: library code is not the load
 if sys.argv[2] != "none":
@@ -207,7 +207,7 @@ def test_load_peak_rss_at_most_1_2x_weights_kept(tmp_path, quantize):
     import subprocess
     import sys
 
-    from bitdance_core.checkpoints import write_checkpoint
+    from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
 
     d = write_checkpoint("bench-mem", tmp_path / "mem", seed=0)  # ~460 MiB kept, mostly the LLM
     r = subprocess.run([sys.executable, "-c", _PEAK_CODE, str(d), quantize], capture_output=True, text=True,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bitdance_core.prompts import COND_TEMPLATE, UNCOND_TEXT, PromptEncoder, PromptError
-from bitdance_core.weights import load_tokenizer
+from bitdance_core.families.text_to_image.loader import load_tokenizer
+from bitdance_core.families.text_to_image.prompts import COND_TEMPLATE, UNCOND_TEXT, PromptEncoder, PromptError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 GENEVAL = Path(__file__).parent / "fixtures" / "geneval_prompts.jsonl"  # copy of shared/data/geneval_prompts.jsonl

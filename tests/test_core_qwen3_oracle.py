@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache, Qwen3Config  # noqa: E402
 from transformers import Qwen3Model as HFQwen3Model  # noqa: E402
 
-from bitdance_core.config import LLMConfig  # noqa: E402
+from bitdance_core.families.text_to_image.config import LLMConfig  # noqa: E402
 from bitdance_core.models.kv_cache import KVCache  # noqa: E402
 from bitdance_core.models.qwen3 import Qwen3Model  # noqa: E402
 

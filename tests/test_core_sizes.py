@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bitdance_core.checkpoints import PRESETS, model_config
-from bitdance_core.config import ModelConfig
+from bitdance_core.families.text_to_image.config import ModelConfig
+from bitdance_core.families.text_to_image.random_checkpoint import PRESETS, model_config
 from bitdance_core.resolutions import OFFICIAL_SIZES, SizeError, policy_for
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
@@ -108,7 +108,7 @@ def test_max_side_caps_the_grid():
 
 
 def test_pipeline_rejects_bad_size_before_work():
-    from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
     pipe = BitDancePipeline.from_pretrained(FIXTURE, device="cpu")
     with pytest.raises(SizeError, match="multiple of 32"):

@@ -18,11 +18,17 @@ import pytest
 import torch
 from cuda_standins import DeviceCheck, fake_cuda
 
-from bitdance_core.checkpoints import write_checkpoint
 from bitdance_core.engine.protocol import EventKind, GenerationRequest, WorkerConfig
-from bitdance_core.engine.worker import build_engine
-from bitdance_core.imagenet import family as class_family
-from bitdance_core.imagenet.checkpoints import CLASS_PRESETS, TINY, TINY_DDCONFIG, ClassPreset, write_class_checkpoint
+from bitdance_core.families.class_conditional import family as class_family
+from bitdance_core.families.class_conditional.random_checkpoint import (
+    CLASS_PRESETS,
+    TINY,
+    TINY_DDCONFIG,
+    ClassPreset,
+    write_class_checkpoint,
+)
+from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
+from bitdance_core.worker.worker import build_engine
 
 FAMILIES = ("text-to-image", "class-conditional-1x", "next-patch-4x")
 

@@ -37,7 +37,7 @@ def test_layout_and_size():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
     return BitDancePipeline.from_pretrained(DEMO, device="cpu")
 

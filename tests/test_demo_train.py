@@ -7,7 +7,7 @@ import json
 import torch
 
 from bitdance_core.demo import train
-from bitdance_core.tokenizer_build import build_tokenizer
+from bitdance_core.families.text_to_image.tokenizer_build import build_tokenizer
 
 
 def test_tokenizer_builder(tmp_path):
@@ -59,7 +59,7 @@ def test_training_smoke(tmp_path):
     assert {r["stage"] for r in rows} >= {"ae", "decoder", "prior", "done"}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
 
-    from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 
     pipe = BitDancePipeline.from_pretrained(out, device="cpu")
     res = pipe("a red circle", 64, 64, steps=2, guidance_scale=2.0, seed=0)

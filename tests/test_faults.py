@@ -18,7 +18,7 @@ from bitdance_core.engine.protocol import EventKind, GenerationRequest
 
 @pytest.fixture(scope="module")
 def model():
-    from bitdance_core.weights import load_model
+    from bitdance_core.families.text_to_image.loader import load_model
 
     return load_model(FIXTURE)
 

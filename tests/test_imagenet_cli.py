@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from bitdance_core import cli
-from bitdance_core.imagenet.pipeline import ClassConditionalPipeline
+from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
 
 T2I = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 

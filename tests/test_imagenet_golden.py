@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bitdance_core.imagenet.checkpoints import write_class_checkpoint
-from bitdance_core.imagenet.pipeline import ClassConditionalPipeline, guidance_at
-from bitdance_core.imagenet.transformer import block_causal_mask, rope_table
+from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline, guidance_at
+from bitdance_core.families.class_conditional.random_checkpoint import write_class_checkpoint
+from bitdance_core.families.class_conditional.transformer import block_causal_mask, rope_table
 from bitdance_core.models.autoencoder import BinaryAutoencoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitdance_core.config import CheckpointError
-from bitdance_core.imagenet.checkpoints import CLASS_PRESETS, write_class_checkpoint
-from bitdance_core.imagenet.config import PRESETS, RELEASED_DDCONFIG
-from bitdance_core.imagenet.heads import ClassHead
-from bitdance_core.imagenet.loader import find_vae, load_class_model
-from bitdance_core.imagenet.resolve import from_file_name, resolve_config
-from bitdance_core.imagenet.transformer import ClassTransformer
+from bitdance_core.families.class_conditional.config import PRESETS, RELEASED_DDCONFIG
+from bitdance_core.families.class_conditional.heads import ClassHead
+from bitdance_core.families.class_conditional.loader import find_vae, load_class_model
+from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS, write_class_checkpoint
+from bitdance_core.families.class_conditional.resolve import from_file_name, resolve_config
+from bitdance_core.families.class_conditional.transformer import ClassTransformer
+from bitdance_core.families.text_to_image.config import CheckpointError
 from bitdance_core.models.autoencoder import BinaryAutoencoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"

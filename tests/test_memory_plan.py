@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bitdance_core import memory_plan as mp
-from bitdance_core.checkpoints import get_preset, model_config
 from bitdance_core.engine.engine import EngineConfig
-from bitdance_core.fake_memory import FakeMode, LiveBytes
+from bitdance_core.families.text_to_image.random_checkpoint import get_preset, model_config
+from bitdance_core.planning import memory_plan as mp
+from bitdance_core.planning.fake_memory import FakeMode, LiveBytes
 from bitdance_core.serving_config import ServingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -83,8 +83,8 @@ def test_14b_weights_and_kv_shapes(preset, vocab_params):
 
 
 def _tiny():
-    from bitdance_core.checkpoints import write_tokenizer
-    from bitdance_core.weights import load_tokenizer
+    from bitdance_core.families.text_to_image.loader import load_tokenizer
+    from bitdance_core.families.text_to_image.random_checkpoint import write_tokenizer
 
     p = get_preset("tiny")
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +117,7 @@ def test_fast_forward_measures_what_every_step_measures(tiny):
 def test_fake_peaks_equal_real_peaks(tiny):
     """The same accounting on real CPU tensors (a real model of the same shapes) gives the same bytes:
     fake tensors change nothing but the data, so the plan is what the real step holds."""
-    from bitdance_core.weights import LoadedModel, build_modules
+    from bitdance_core.families.text_to_image.loader import LoadedModel, build_modules
 
     cfg, tok, serving = tiny
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -197,7 +197,7 @@ def test_does_not_fit_says_what_would(tiny):
     need = (none.weights_bytes + 2 * none.kv_tokens_per_row * none.kv_bytes_per_token_row
             + max(none.peak_prefill_bytes, none.peak_step_bytes) + none.graph_pool_bytes)
     assert any(x.startswith(f"a device of at least {mp.gib(need)}") for x in none.suggestions), none.suggestions
-    from bitdance_core.quantize import fake_build
+    from bitdance_core.loading.quantize import fake_build
 
     with FakeMode():
         w8 = sum(mp.module_bytes(mp.fake_model(cfg, tok, torch.bfloat16, fake_build("int8"))).values())
@@ -241,7 +241,7 @@ def test_cli_model_dir_and_not_fitting_exit_1():
 def test_engine_start_up_plan_on_a_pretend_device(tiny, monkeypatch):
     """``plan_on_device`` (what the engine runs on CUDA when no KV budget is set): what the free memory
     leaves after the measured peak and the slack, at most max_batch_requests requests."""
-    from bitdance_core.weights import LoadedModel, build_modules
+    from bitdance_core.families.text_to_image.loader import LoadedModel, build_modules
 
     cfg, tok, serving = tiny
     modules = build_modules(cfg, device="cpu")

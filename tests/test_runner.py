@@ -15,9 +15,9 @@ from bitdance_core.engine import runner as runner_mod
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.engine.recorded_graph import RecordedGraph, RecordingBackend
+from bitdance_core.families.text_to_image.loader import load_model
 from bitdance_core.models import qwen3
 from bitdance_core.sampling import binarize, euler_maruyama
-from bitdance_core.weights import load_model
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 aten = torch.ops.aten

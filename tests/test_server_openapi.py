@@ -5,7 +5,7 @@ routes, 0 failures required.
 
 The server runs the fake worker (tests/fake_worker.py), so hundreds of generation calls take
 seconds; the schema's limits are the ones the worker reports, whichever worker it is
-(server/docs.py). The real worker's behaviour is covered by test_server_real.py. A prompt's length
+(server/openapi_text.py). The real worker's behaviour is covered by test_server_real.py. A prompt's length
 in tokens is the one limit JSON Schema cannot state: the operations declare the 422 (OpenAI: 400)
 it causes, and tests/schemathesis_hooks.py excuses exactly that answer from
 ``positive_data_acceptance`` (the fake keeps its low word limit, so the run meets it). Several

@@ -8,7 +8,7 @@ import pytest
 import torch
 from server_harness import TINY_MODEL, LiveServer, decode_b64, real_worker_available
 
-from bitdance_core.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 from server.settings import Settings
 
 # golden case 0: int8 flips about 1 % of its bits

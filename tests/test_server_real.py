@@ -3,7 +3,7 @@
 batching, routing over both workers, SSE, the openai client, token-length validation in the
 worker, disconnect -> cancel, kill -9 -> errors then recovery, SIGTERM drain -> exit 0.
 
-Falls back to the fake worker only when bitdance_core/engine/worker.py is absent (or with
+Falls back to the fake worker only when bitdance_core/worker/worker.py is absent (or with
 BITDANCE_TEST_WORKER=fake).
 """
 

@@ -224,7 +224,7 @@ def test_openapi_condition_fields_follow_the_served_kind():
     from fastapi.openapi.utils import get_openapi
 
     from server.app import create_app
-    from server.docs import patch_schema
+    from server.openapi_text import patch_schema
 
     base = get_openapi(title="t", version="1", routes=create_app().routes)
     limits = {"num_images": [1, 4], "steps": [1, 100], "guidance_scale": [0, 20], "max_prompt_chars": 100}

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bitdance_core.families.text_to_image.pipeline import to_uint8
 from bitdance_core.image_tokenizer import ImageTokenizer, load_autoencoder
-from bitdance_core.pipeline import to_uint8
 from bitdance_core.tokenize import (
     TokenizeError,
     TokenizerSpec,
@@ -68,7 +68,7 @@ def test_imagenet_ae_pt_tokens_equal_official_qae(golden):
 
 
 def test_class_model_encoder_attached_from_vae_file(golden):
-    from bitdance_core.imagenet.loader import load_class_model
+    from bitdance_core.families.class_conditional.loader import load_class_model
 
     model = load_class_model(IMAGENET / "BitDance_tiny_a_4x.pt", "cpu", "float32",
                              model_args=IMAGENET / "model_args_4x.json")
@@ -166,8 +166,8 @@ def test_lone_autoencoder_file_is_strict(tmp_path):
 
 
 def test_encoder_size_of_the_released_autoencoder_and_the_plan_counts_it():
-    from bitdance_core.memory_plan import encoder_bytes, plan_dir
     from bitdance_core.models.autoencoder import BinaryAutoencoder
+    from bitdance_core.planning.memory_plan import encoder_bytes, plan_dir
 
     released = {"ch": 256, "out_ch": 3, "in_channels": 3, "num_res_blocks": 4, "z_channels": 32,
                 "ch_mult": [1, 1, 2, 2, 4]}
@@ -179,7 +179,7 @@ def test_encoder_size_of_the_released_autoencoder_and_the_plan_counts_it():
     assert by_module["ae_encoder"] == tok.encoder_bytes
     assert with_enc.weights_bytes - base.weights_bytes == tok.encoder_bytes
     assert "no lm_head / AE encoder" in base.table() and "ae_encoder 0.00 GB" in with_enc.table()
-    from bitdance_core.config import ModelConfig
+    from bitdance_core.families.text_to_image.config import ModelConfig
 
     assert encoder_bytes(ModelConfig.from_dir(T2I), torch.bfloat16) * 2 == tok.encoder_bytes
 
@@ -222,7 +222,7 @@ def test_demo_round_trip_psnr():
 
 def test_worker_runs_one_tokenizer_message_per_engine_step_while_busy():
     from bitdance_core.engine.protocol import Detokenize, Tokenize, TokenizerResult
-    from bitdance_core.engine.tokenizer_worker import TokenizerHandler
+    from bitdance_core.worker.tokenizer_worker import TokenizerHandler
 
     tok = ImageTokenizer.from_file(T2I / "ae.safetensors", device="cpu", dtype="float32")
     sent, busy = [], [True]

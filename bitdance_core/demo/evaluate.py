@@ -45,10 +45,10 @@ def evaluate(
     quantize: str | None = None,
 ) -> dict:
     """``steps`` / ``guidance_scale`` default to the checkpoint's serving defaults (``serving_config.json``);
-    ``quantize`` (none | int8) loads the prior quantised (``bitdance_core.quantize``)."""
+    ``quantize`` (none | int8) loads the prior quantised (``bitdance_core.loading.quantize``)."""
     from tqdm import tqdm
 
-    from bitdance_core.pipeline import BitDancePipeline
+    from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
     from bitdance_core.serving_config import ServingConfig
 
     if threads:

@@ -32,8 +32,8 @@ from bitdance_core.demo.train_ae import (
 )
 from bitdance_core.demo.train_prior import DemoPriorTrainer, PriorConfig, block_mask, demo_head_config, train_prior
 from bitdance_core.demo.train_utils import LossLog
+from bitdance_core.families.text_to_image.tokenizer_build import build_tokenizer
 from bitdance_core.models.autoencoder import BinaryAutoencoder
-from bitdance_core.tokenizer_build import build_tokenizer
 
 __all__ = ["AEConfig", "PriorConfig", "RecipeConfig", "block_mask", "main", "train_demo"]
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bitdance_core.checkpoints import head_config, qwen3_config
 from bitdance_core.demo.train_utils import LossLog, optimise
+from bitdance_core.families.text_to_image.random_checkpoint import head_config, qwen3_config
 from bitdance_core.models.diffusion_head import DiffusionHead
 from bitdance_core.models.projector import Projector, patchify, pos2d_table
 

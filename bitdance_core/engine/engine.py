@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..device import generator
+from ..families.text_to_image.loader import LoadedModel
 from ..models.kv_cache import KVCache
 from ..serving_config import ServingConfig
-from ..weights import LoadedModel
 from .engine_config import EngineConfig
 from .family import default_serving, family_for
 from .faults import EngineDead, on_step_error, prefill_isolating
@@ -70,7 +70,7 @@ class Engine:
         budget = self.config.kv_budget_bytes
         if budget is None:
             if self.device.type == "cuda":
-                from ..memory_plan import plan_on_device
+                from ..planning.memory_plan import plan_on_device
 
                 self.memory_plan = plan_on_device(self.model, self.serving, self.config)
                 budget = max(1, self.memory_plan.kv_bytes)
@@ -99,7 +99,8 @@ class Engine:
                          **extra_defaults},
             "limits": s.limits.as_dict(), "device": str(self.device),
             "dtype": str(self.family.prior.dtype).removeprefix("torch."),
-            "attention_backend": __import__("bitdance_core.attention", fromlist=["x"]).resolve_backend(self.device),
+            "attention_backend": __import__("bitdance_core.models.attention",
+                                           fromlist=["x"]).resolve_backend(self.device),
             "preview_every": self.preview_every_for(h, w), "preview_method": self.previews.method,
             "max_batch_requests": self.config.max_batch_requests, "max_waiting": self.config.max_waiting,
             "kv_rows": self.cache.rows, "max_seq_len": self.max_seq_len, "cuda_graphs": self.runner.use_graphs,

@@ -50,7 +50,7 @@ The prior (``self.prior``) is called only through the forward-over-embeddings co
 :class:`bitdance_core.models.qwen3.Qwen3Model`; a second transformer class (ImageNet:
 LlamaGen-style, fused ``wqkv``, kv heads = heads, 2-D RoPE indexed by sequence position)
 implements the same members with its own RoPE and attention layout, reusing ``AttnPlan``,
-``KVCache`` and ``bitdance_core.attention.attention``:
+``KVCache`` and ``bitdance_core.models.attention.attention``:
 
 * ``dtype``, ``device``; ``kv_layout()`` -> ``(layers, kv_heads, head_dim)``: the engine
   allocates ``KVCache(layers, rows, max_len, kv_heads, head_dim)`` from it;
@@ -83,12 +83,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..families.text_to_image.loader import LoadedModel
+from ..families.text_to_image.pipeline import to_uint8
+from ..families.text_to_image.prompts import PromptEncoder
 from ..models.projector import pos2d_table, sincos_1d, unpatchify_tokens
-from ..pipeline import to_uint8
-from ..prompts import PromptEncoder
 from ..resolutions import POS_TABLE_ROWS, SizeError
 from ..serving_config import InvalidRequest, ServingConfig
-from ..weights import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -179,7 +179,7 @@ class ModelFamily(ABC):
 
     @classmethod
     def model_bytes(cls, model) -> dict[str, int]:
-        from ..quantize import module_bytes
+        from ..loading.quantize import module_bytes
 
         return {name: module_bytes(getattr(model, name)) for name in cls.MODULES}
 
@@ -283,7 +283,7 @@ def fake_text_model(config, dtype: torch.dtype, device: torch.device, *, tokeniz
     ``load_model`` builds it: modules on ``meta``, then every state-dict entry adopted as a fake tensor of
     ``dtype``. ``build(config, dtype)`` may replace this (e.g. a quantising builder)."""
     from ..device import Placement
-    from ..weights import build_modules
+    from ..families.text_to_image.loader import build_modules
 
     with torch.device(device):
         if build is not None:
@@ -302,10 +302,10 @@ def fake_text_model(config, dtype: torch.dtype, device: torch.device, *, tokeniz
 
 def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
     """A model of fake tensors of the kind ``config`` describes (text-to-image or class-conditional)."""
-    from ..imagenet.config import ClassModelConfig
+    from ..families.class_conditional.config import ClassModelConfig
 
     if isinstance(config, ClassModelConfig):
-        from ..imagenet.family import fake_class_model
+        from ..families.class_conditional.family import fake_class_model
 
         return fake_class_model(config, dtype, device, build=build)
     return fake_text_model(config, dtype, device, tokenizer=tokenizer, build=build)
@@ -313,10 +313,10 @@ def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=No
 
 def default_serving(model) -> ServingConfig:
     """A model's serving defaults when none are given (a class-conditional model has its own)."""
-    from ..imagenet.loader import LoadedClassModel
+    from ..families.class_conditional.loader import LoadedClassModel
 
     if isinstance(model, LoadedClassModel):
-        from ..imagenet.family import serving_for
+        from ..families.class_conditional.family import serving_for
 
         return serving_for(model)
     return ServingConfig.for_model(model.config)
@@ -324,10 +324,10 @@ def default_serving(model) -> ServingConfig:
 
 def family_class(model) -> type[ModelFamily]:
     """The family of a loaded model: class-conditional for a ``LoadedClassModel``, else text-to-image."""
-    from ..imagenet.loader import LoadedClassModel
+    from ..families.class_conditional.loader import LoadedClassModel
 
     if isinstance(model, LoadedClassModel):
-        from ..imagenet.family import ClassConditional
+        from ..families.class_conditional.family import ClassConditional
 
         return ClassConditional
     return TextToImage

@@ -202,7 +202,7 @@ class WorkerConfig:
     warmup: bool = True
     worker_index: int = 0
     threads: int | None = None  # torch intra-op threads on CPU
-    quantize: str = "none"  # weight-only quantisation of the prior at load: none | int8 | fp8 (bitdance_core.quantize)
+    quantize: str = "none"  # weight-only quantisation of the prior at load: none | int8 | fp8 (loading/quantize.py)
     interop_threads: int | None = None  # torch inter-op threads (CPU); None = torch default
     tokenizer: bool = False  # load the autoencoder's encoder and answer Tokenize / Detokenize
     ae_config: str | None = None  # a lone autoencoder file (tokenizer-only): its JSON config

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitdance_core.attention import attention
+from bitdance_core.models.attention import attention
 
 logger = logging.getLogger(__name__)
 

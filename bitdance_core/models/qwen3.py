@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention
-from ..config import LLMConfig
 from ..device import to_device
+from ..families.text_to_image.config import LLMConfig
+from .attention import attention
 from .kv_cache import KVCache
 
 

@@ -24,9 +24,9 @@ from bitdance_core.engine.protocol import ErrorCode
 from bitdance_core.png_metadata import image_parameters, infotext
 from server.a1111_schemas import SAMPLER, A1111Options, Txt2ImgBody, current_options, patch_schema
 from server.class_params import is_class_conditional
-from server.docs import COMMON_ERRORS
 from server.errors import APIError
 from server.jobs import Job
+from server.openapi_text import COMMON_ERRORS
 from server.params import b64, build_request, preview_every_for
 from server.routes.generate import model_info, submit_job
 from server.sse import ClientGone, wait_result

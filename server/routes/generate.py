@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode, GenerationRequest
 from server.dispatch import IDEMPOTENCY_HEADER, canceller, shared, submit
-from server.docs import GENERATE_DOC
 from server.errors import APIError
 from server.jobs import Job
+from server.openapi_text import GENERATE_DOC
 from server.params import build_request, completed_body
 from server.schemas import GenerateBody, GenerationParams
 from server.sse import ClientGone, first_event, job_response, wait_result

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 import bitdance_core
-from server.docs import INFO_DOC, METRICS_DOC, READYZ_DOC
+from server.openapi_text import INFO_DOC, METRICS_DOC, READYZ_DOC
 from server.params import allowed_sizes
 from server.routes.generate import model_info
 from server.routes.openai import quality_steps

@@ -14,9 +14,9 @@ from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode
 from server.dispatch import canceller, shared
-from server.docs import JOB_CREATE_DOC, JOB_DELETE_DOC, JOB_EVENTS_DOC, JOB_GET_DOC
 from server.errors import APIError
 from server.jobs import Job
+from server.openapi_text import JOB_CREATE_DOC, JOB_DELETE_DOC, JOB_EVENTS_DOC, JOB_GET_DOC
 from server.routes.generate import model_info, request_from_body, submit_job
 from server.schemas import GenerationParams
 from server.sse import job_response

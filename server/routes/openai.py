@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, Response
 
 from bitdance_core.engine.protocol import ErrorCode
 from server.dispatch import canceller, submit
-from server.docs import MODEL_DOC, MODELS_DOC, OPENAI_DOC
 from server.errors import APIError
+from server.openapi_text import MODEL_DOC, MODELS_DOC, OPENAI_DOC
 from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
 from server.routes.generate import model_info
 from server.schemas import OpenAIImageBody

@@ -27,8 +27,8 @@ from bitdance_core.tokenize import (
     plan_resize,
     probe_image,
 )
-from server.docs import COMMON_ERRORS, _error, _json
 from server.errors import APIError
+from server.openapi_text import COMMON_ERRORS, _error, _json
 from server.schemas import Int, _whole_float
 
 router = APIRouter()

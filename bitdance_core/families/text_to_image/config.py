@@ -136,7 +136,7 @@ class ModelConfig:
         if not p.is_dir():
             raise CheckpointError(f"checkpoint directory {p} does not exist")
         if (p / "model_index.json").is_file() or (p / "transformer").is_dir():  # diffusers (diffusers_layout.py)
-            from .diffusers_layout import t2i_config
+            from ...loading.diffusers_layout import t2i_config
 
             return t2i_config(p)
         llm = LLMConfig.from_hf_dict(_read_json(p / "config.json"))

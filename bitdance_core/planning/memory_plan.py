@@ -7,7 +7,7 @@ guidance, one image each, so 2 KV rows per request)::
                   + max(peak_prefill, peak_step)(N) + graph_pool(N) + reserved
 
 It measures the CUDA path: the engine runs on fake tensors of device ``cuda`` (on a build without CUDA
-too, see :func:`~bitdance_core.fake_memory.fake_cuda_ready`), so its CUDA branches are what is measured:
+too, see :func:`~bitdance_core.planning.fake_memory.fake_cuda_ready`), so its CUDA branches are what is measured:
 the CUDA attention path (grouped-query heads folded into the query length under a per-row key mask),
 key lengths rounded up to ``runner.KEY_BUCKET``, persistent buffers on the device. Nothing here knows
 the kind of model: the model family builds the fake model, names its modules' bytes and makes the
@@ -22,7 +22,7 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
   KV while it runs the N requests: per-request state, the unconditional prefix cache and every
   transient (activations, attention inputs, masks). They are *measured*: the real ``Engine`` runs
   its real ``step()`` under ``FakeTensorMode`` (no memory allocated, no kernel run) on a model built
-  from the configs (no weight read) and :class:`~bitdance_core.fake_memory.LiveBytes` records the
+  from the configs (no weight read) and :class:`~bitdance_core.planning.fake_memory.LiveBytes` records the
   peak. The requests are the worst case: the longest prompt and a distinct longest negative prompt
   each (two prefill rows per request, a full prefix cache), every AR step up to the longest keys,
   then the batched decode of all N images.
@@ -52,10 +52,10 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .device import Placement, dtype_name  # noqa: F401 - Placement: re-exported for tests
+from ..device import Placement, dtype_name  # noqa: F401 - Placement: re-exported for tests
+from ..families.text_to_image.config import ModelConfig
+from ..serving_config import ServingConfig
 from .fake_memory import FakeMode, LiveBytes, fake_cuda_ready
-from .serving_config import ServingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def plan_device() -> torch.device:
 def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.device | str = "cpu"):
     """A model of fake tensors (call inside a ``FakeTensorMode``), built by its family: see
     :func:`bitdance_core.engine.family.fake_model`."""
-    from .engine.family import fake_model as family_fake_model
+    from ..engine.family import fake_model as family_fake_model
 
     device = torch.device(device)
     if device.type == "cuda" and not fake_cuda_ready():
@@ -169,7 +169,7 @@ def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.
 
 def module_bytes(model) -> dict[str, int]:
     """Bytes of every parameter and buffer of each module, as built (quantised or not), named by the family."""
-    from .engine.family import family_class
+    from ..engine.family import family_class
 
     return family_class(model).model_bytes(model)
 
@@ -187,7 +187,7 @@ class Shapes:
 
 
 def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
-    from .engine.engine import Engine
+    from ..engine.engine import Engine
 
     probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1, cuda_graphs="off"),
                    serving)  # a shape probe: no graph set (a CPU build has no CUDA graph pool to make)
@@ -202,8 +202,8 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys). ``progress(line)`` hears one line per
     measured step. ``decode_cache`` (shared by the runs of one plan) keeps the decode's transient, which
     depends only on the decode batch ``min(N, decode_batch)``: measured once, then added to each run's base."""
-    from .engine.engine import Engine
-    from .engine.runner import graphs_enabled
+    from ..engine.engine import Engine
+    from ..engine.runner import graphs_enabled
 
     say = progress or (lambda line: None)
     shapes = engine_shapes(model, serving, engine_config)
@@ -327,7 +327,7 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
                 progress=None):
     """Inside one fake mode: (weights by module, serving, size, shapes, N, peak_prefill, peak_step, graph_pool).
     ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peaks."""
-    from .engine.family import default_serving
+    from ..engine.family import default_serving
 
     device = torch.device(device) if device is not None else plan_device()
     with FakeMode():
@@ -379,7 +379,7 @@ def plan(config, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
     serving default size). With ``size`` the deployment allows that size only (``--sizes``). ``config``: a
     text-to-image ``ModelConfig`` (with its ``tokenizer``) or a class-conditional ``ClassModelConfig``.
     ``tokenizer_routes``: the AE encoder is loaded too (``--tokenizer-routes``), counted as ``ae_encoder``."""
-    from .engine.engine import EngineConfig
+    from ..engine.engine import EngineConfig
 
     t0 = time.perf_counter()
     engine_config = engine_config or EngineConfig()
@@ -403,13 +403,13 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
     """What would fit one request, from the terms already measured (N = 1): a bigger device (exactly what one
     request needs), ``--quantize int8`` (its weights as that load keeps them: built, not measured again),
     a smaller ``--size``."""
-    from .imagenet.config import ClassModelConfig
+    from ..families.class_conditional.config import ClassModelConfig
 
     kv_req = p.kv_bytes_per_token_row * p.kv_tokens_per_row * 2
     rest = kv_req + max(p.peak_prefill_bytes, p.peak_step_bytes) + p.graph_pool_bytes + p.reserved_bytes
     out = []
     if build is None and not isinstance(config, ClassModelConfig):
-        from .quantize import fake_build
+        from ..loading.quantize import fake_build
 
         with FakeMode():
             w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
@@ -424,10 +424,10 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
 
 
 def _serving_for(config, size) -> ServingConfig:
-    from .imagenet.config import ClassModelConfig
+    from ..families.class_conditional.config import ClassModelConfig
 
     if isinstance(config, ClassModelConfig):
-        from .imagenet.family import serving_for
+        from ..families.class_conditional.family import serving_for
 
         serving = serving_for(config)
         if size is not None and tuple(size) != tuple(config.size):
@@ -439,7 +439,7 @@ def _serving_for(config, size) -> ServingConfig:
 
 def encoder_bytes(config, dtype: torch.dtype) -> int:
     """The AE encoder's weight bytes (loaded only with the tokenizer routes), of either family's config."""
-    from .models.autoencoder import BinaryAutoencoder
+    from ..models.autoencoder import BinaryAutoencoder
 
     ddconfig = config.vae_ddconfig if hasattr(config, "vae_ddconfig") else config.ae_ddconfig
     return BinaryAutoencoder.encoder_parameters(ddconfig) * torch.empty((), dtype=dtype).element_size()
@@ -498,13 +498,13 @@ def measure_warm_step(engine) -> dict:
 
 def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
     """A text-to-image preset (``checkpoints.PRESETS``) or a class-conditional one (``imagenet-b-4x``, ...)."""
-    from .checkpoints import PRESETS, get_preset, model_config, write_tokenizer
-    from .device import resolve
-    from .imagenet.checkpoints import CLASS_PRESETS
-    from .weights import load_tokenizer
+    from ..device import resolve
+    from ..families.class_conditional.random_checkpoint import CLASS_PRESETS
+    from ..families.text_to_image.loader import load_tokenizer
+    from ..families.text_to_image.random_checkpoint import PRESETS, get_preset, model_config, write_tokenizer
 
     if preset in CLASS_PRESETS and preset not in PRESETS:
-        from .imagenet.family import refuse_quantize
+        from ..families.class_conditional.family import refuse_quantize
 
         if kw.get("build") is not None:
             refuse_quantize("int8")
@@ -522,8 +522,8 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
 
 
 def plan_dir(model_dir: str | Path, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
-    from .device import resolve
-    from .weights import load_tokenizer
+    from ..device import resolve
+    from ..families.text_to_image.loader import load_tokenizer
 
     config = ModelConfig.from_dir(model_dir)
     return plan(config, load_tokenizer(model_dir), resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import attention
-from ..models.qwen3 import AttnPlan, Qwen3Model
+from ...models.attention import attention
+from ...models.qwen3 import AttnPlan, Qwen3Model
 from .config import ClassModelConfig
 
 ROPE_BASE = 10000.0

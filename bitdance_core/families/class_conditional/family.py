@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..engine.family import ModelFamily, Prepared
-from ..models.projector import unpatchify_tokens
-from ..serving_config import InvalidRequest, Limits, ServingConfig
+from ...engine.family import ModelFamily, Prepared
+from ...models.projector import unpatchify_tokens
+from ...serving_config import InvalidRequest, Limits, ServingConfig
 from .classes import class_names, label_for_prompt
 from .config import CFG_SCHEDULES, DEFAULT_STEPS, ClassModelConfig
 from .loader import LoadedClassModel
@@ -40,7 +40,7 @@ def refuse_quantize(mode: str | None) -> None:
 
 def fake_class_model(config: ClassModelConfig, dtype: torch.dtype, device: torch.device, *, build=None):
     """A ``LoadedClassModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``): the memory plan's."""
-    from ..device import Placement
+    from ...device import Placement
     from .loader import build_modules
 
     if build is not None:
@@ -126,7 +126,7 @@ class ClassConditional(ModelFamily):
         return unpatchify_tokens(tokens, h, w, self.patch_side)
 
     def example_request(self, request_id: str, height: int, width: int, **kw):
-        from ..engine.protocol import GenerationRequest
+        from ...engine.protocol import GenerationRequest
 
         label = kw.get("seed", 0) % self.config.num_classes  # a different class per seed
         return GenerationRequest(request_id, "", height, width, class_label=(label,), **kw)

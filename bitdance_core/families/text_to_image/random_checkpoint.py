@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...device import Placement, resolve
 from .config import LLMConfig, ModelConfig
-from .device import Placement, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def build_random_model(preset: str | Preset, device: str | None = None, dtype: s
     The tokenizer is built offline in a temporary directory (loaded into memory, then deleted). Only what
     text-to-image uses is built (no ``lm_head``, no AE encoder), as ``load_model`` does.
     """
-    from .weights import LoadedModel, build_modules, load_tokenizer
+    from .loader import LoadedModel, build_modules, load_tokenizer
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     placement = resolve(device, dtype)
@@ -290,7 +290,7 @@ def write_checkpoint(preset: str | Preset, out_dir: str | Path, seed: int = 0, d
     """
     from safetensors.torch import save_file
 
-    from .weights import build_modules
+    from .loader import build_modules
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out_dir)

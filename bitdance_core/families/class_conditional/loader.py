@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import diffusers_layout as dl
-from ..config import CheckpointError
-from ..device import Placement, resolve
-from ..models.autoencoder import BinaryAutoencoder
+from ...device import Placement, resolve
+from ...loading import diffusers_layout as dl
+from ...models.autoencoder import BinaryAutoencoder
+from ..text_to_image.config import CheckpointError
 from .config import ClassModelConfig
 from .heads import ClassHead
 from .resolve import resolve_config
@@ -160,7 +160,7 @@ def _only(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Map
 
 def _diffusers_parts(folder: Path):
     """(state, which, args, autoencoder state or None, its label, its config's ddconfig) of a diffusers folder."""
-    from ..weights import _llm_files
+    from ..text_to_image.loader import _llm_files
 
     args, ddconfig, which = dl.class_config(folder)
     state = SafetensorsState(_llm_files(folder / "transformer", "diffusion_pytorch_model"))

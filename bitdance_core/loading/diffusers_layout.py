@@ -14,7 +14,8 @@
 
 Configs are read as strictly as the official layout: the ``_*`` keys (``_class_name``, ``_diffusers_version``,
 ...) are dropped, every other key must be known and is checked; a missing folder, file or key is an error naming
-it. Nothing here imports torch (weights are read by ``weights.py`` and ``imagenet/loader.py``).
+it. Nothing here imports torch (weights are read by ``families/text_to_image/loader.py`` and
+``families/class_conditional/loader.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .config import AE_DDCONFIG_KEYS, HEAD_KEYS, CheckpointError, LLMConfig, ModelConfig
+from ..families.text_to_image.config import AE_DDCONFIG_KEYS, HEAD_KEYS, CheckpointError, LLMConfig, ModelConfig
 
 OFFICIAL, DIFFUSERS, CLASS_PT, CLASS_DIFFUSERS = "official", "diffusers", "class-pt", "class-diffusers"
 LAYOUTS = (OFFICIAL, DIFFUSERS, CLASS_PT, CLASS_DIFFUSERS)

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from .models.kv_cache import KVCache
-from .models.projector import pos2d_table, sincos_1d, unpatchify_tokens
+from ...engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ...models.kv_cache import KVCache
+from ...models.projector import pos2d_table, sincos_1d, unpatchify_tokens
+from ...resolutions import POS_TABLE_ROWS, SizePolicy, policy_for
+from ...sampling import binarize, euler_maruyama, schedule
+from .loader import LoadedModel, load_model
 from .prompts import PromptEncoder
-from .resolutions import POS_TABLE_ROWS, SizePolicy, policy_for
-from .sampling import binarize, euler_maruyama, schedule
-from .weights import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
 

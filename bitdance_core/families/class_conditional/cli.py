@@ -11,8 +11,8 @@ import secrets
 import sys
 import time
 
-from ..config import CheckpointError
-from ..serving_config import InvalidRequest
+from ...serving_config import InvalidRequest
+from ..text_to_image.config import CheckpointError
 from .classes import class_names, label_for_prompt
 from .config import DEFAULT_STEPS
 
@@ -74,8 +74,8 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
             bar.close()
     print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)
 
-    from ..cli import save_image
-    from ..png_metadata import image_parameters
+    from ...cli import save_image
+    from ...png_metadata import image_parameters
 
     names = class_names() if cfg.num_classes == 1000 else None
     paths = output_paths(args.output, len(labels))

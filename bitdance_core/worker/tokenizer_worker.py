@@ -14,8 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..tokenize import TokenizeError, encode_png, load_rgb, pack_bits, probe_image, unpack_bits
-from .protocol import (
+from ..engine.protocol import (
     Cancel,
     Detokenize,
     ErrorCode,
@@ -27,6 +26,7 @@ from .protocol import (
     Tokenize,
     TokenizerResult,
 )
+from ..tokenize import TokenizeError, encode_png, load_rgb, pack_bits, probe_image, unpack_bits
 
 logger = logging.getLogger(__name__)
 NO_GENERATOR = "no_generator"

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ..models.kv_cache import KVCache
-from ..models.projector import unpatchify_tokens
-from ..pipeline import to_uint8
-from ..sampling import binarize, euler_maruyama, schedule
-from ..serving_config import InvalidRequest
+from ...models.kv_cache import KVCache
+from ...models.projector import unpatchify_tokens
+from ...sampling import binarize, euler_maruyama, schedule
+from ...serving_config import InvalidRequest
+from ..text_to_image.pipeline import to_uint8
 from .config import CFG_SCHEDULES, DEFAULT_STEPS
 from .loader import LoadedClassModel, load_class_model
 

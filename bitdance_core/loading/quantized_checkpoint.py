@@ -32,9 +32,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..device import Placement, resolve
+from ..families.text_to_image.config import CheckpointError, ModelConfig
 from . import quantize as q
-from .config import CheckpointError, ModelConfig
-from .device import Placement, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_prequantized(llm: torch.nn.Module, sources: dict[str, Path], placement:
     (``embedding``: the directory stores the int8 embedding table quantised, ``stored_embedding``)."""
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    from .weights import _fmt
+    from ..families.text_to_image.loader import _fmt
 
     q.torchao()
     weights = {"model." + k: v for k, v in llm.state_dict(keep_vars=True).items()}
@@ -167,7 +167,7 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, mode: str, devic
     """
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    from .weights import _llm_files
+    from ..families.text_to_image.loader import _llm_files
 
     src, out = Path(model_dir), Path(out_dir)
     mode = q.check_mode(mode)

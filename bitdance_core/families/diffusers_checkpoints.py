@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import ModelConfig
+from .text_to_image.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _dump(path: Path, doc: dict) -> None:
 
 def official_to_diffusers(src: str | Path, out: str | Path) -> Path:
     """Rearrange an official-layout text-to-image directory ``src`` into the diffusers layout at ``out``."""
-    from .resolutions import OFFICIAL_SIZES
+    from ..resolutions import OFFICIAL_SIZES
 
     src, out = Path(src), Path(out)
     config = ModelConfig.from_dir(src)
@@ -76,8 +76,8 @@ def class_to_diffusers(ckpt: str | Path, out: str | Path, preset: str | None = N
     ``write_class_checkpoint``) into one ``BitDance-ImageNet-diffusers`` model folder at ``out``."""
     from safetensors.torch import save_file
 
-    from .imagenet.checkpoints import CLASS_PRESETS, official_args
-    from .imagenet.loader import RELEASED_VAE, load_pickle
+    from .class_conditional.loader import RELEASED_VAE, load_pickle
+    from .class_conditional.random_checkpoint import CLASS_PRESETS, official_args
 
     ckpt, out = Path(ckpt), Path(out)
     obj = load_pickle(ckpt)
@@ -114,10 +114,10 @@ def class_to_diffusers(ckpt: str | Path, out: str | Path, preset: str | None = N
 
 
 def _ddconfig(preset: str | None, vae) -> dict:
-    from .imagenet.checkpoints import CLASS_PRESETS
-    from .imagenet.config import RELEASED_DDCONFIG
-    from .imagenet.loader import RELEASED_VAE
-    from .imagenet.resolve import ddconfig_from_shapes
+    from .class_conditional.config import RELEASED_DDCONFIG
+    from .class_conditional.loader import RELEASED_VAE
+    from .class_conditional.random_checkpoint import CLASS_PRESETS
+    from .class_conditional.resolve import ddconfig_from_shapes
 
     if preset is not None:
         return dict(CLASS_PRESETS[preset].ddconfig or RELEASED_DDCONFIG)
@@ -128,8 +128,8 @@ def write_diffusers_checkpoint(preset: str, out_dir: str | Path, seed: int = 0, 
                                max_shard_bytes: int | None = None) -> Path:
     """Write a random checkpoint of ``preset`` in the diffusers layout to ``out_dir`` (a text-to-image directory,
     or one class-conditional model folder); the same tensors as the official-layout writer with the same seed."""
-    from .checkpoints import DEFAULT_SHARD_BYTES, write_checkpoint
-    from .imagenet.checkpoints import CLASS_PRESETS, write_class_checkpoint
+    from .class_conditional.random_checkpoint import CLASS_PRESETS, write_class_checkpoint
+    from .text_to_image.random_checkpoint import DEFAULT_SHARD_BYTES, write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="bitdance-diffusers-") as tmp:
         if preset in CLASS_PRESETS:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.diffusion_head import LN_EPS, FinalLayer, HeadAPI, TimestepEmbedder, TransBlock, _layer_norm
+from ...models.diffusion_head import LN_EPS, FinalLayer, HeadAPI, TimestepEmbedder, TransBlock, _layer_norm
 
 ATTN_HEAD_DIM = 64
 

@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from .device import Placement
+from ..device import Placement
 
 logger = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def fake_build(mode: str):
         return None
 
     def build(config, dtype: torch.dtype):
-        from .weights import build_modules
+        from ..families.text_to_image.loader import build_modules
 
         modules = build_modules(config, with_encoder=False)
         prepare_prior_(modules[0], mode)

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..png_metadata import image_parameters
-from .faults import EngineDead
-from .loop import EngineLoop
-from .protocol import (
+from ..engine.faults import EngineDead
+from ..engine.loop import EngineLoop
+from ..engine.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
     EventKind,
@@ -41,6 +40,7 @@ from .protocol import (
     WorkerFatal,
     WorkerReady,
 )
+from ..png_metadata import image_parameters
 
 logger = logging.getLogger(__name__)
 HEARTBEAT_BUSY_S, HEARTBEAT_IDLE_S = 0.5, 2.0
@@ -149,22 +149,22 @@ def _watch_parent() -> None:
 
 def build_engine(config: WorkerConfig):
     """Load the model and build a warmed-up engine (also used by benchmarks in-process)."""
-    from .. import attention
     from ..cpu_threads import apply_thread_policy
     from ..device import bind
+    from ..engine.engine import Engine
+    from ..families.text_to_image.loader import load_model
+    from ..models import attention
     from ..serving_config import ServingConfig
-    from ..weights import load_model
-    from .engine import Engine
 
     if config.threads:  # a CPU worker: the CPU thread policy (its OMP_WAIT_POLICY came with its environment)
         apply_thread_policy(config.threads, getattr(config, "interop_threads", None), wait_policy=None)
     attention.set_backend(config.attention_backend)
     bind(config.device)  # before anything touches CUDA: streams, graphs and pinned memory belong to this device
-    from ..diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
+    from ..loading.diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
 
     if checkpoint_layout(Path(config.model_dir)) in (CLASS_PT, CLASS_DIFFUSERS):  # BitDance_*.pt or a diffusers one
-        from ..imagenet.family import refuse_quantize, serving_for
-        from ..imagenet.loader import load_class_model
+        from ..families.class_conditional.family import refuse_quantize, serving_for
+        from ..families.class_conditional.loader import load_class_model
 
         refuse_quantize(config.quantize)  # the family's answer
         model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
@@ -183,7 +183,7 @@ def build_engine(config: WorkerConfig):
     if config.warmup:
         engine.warmup()
         if engine.device.type == "cuda":
-            from ..memory_plan import measure_warm_step
+            from ..planning.memory_plan import measure_warm_step
 
             measure_warm_step(engine)  # logs the plan's predicted peak step against the measured one
     return engine

@@ -8,7 +8,8 @@ their preset sizes (``dim``, ``n_layer``, ``n_head``, ``diff_*``), which the off
 our resolver honours, since no official preset describes them.
 
 Weights: one seeded CPU generator in state-dict order, the text-to-image builders' distribution
-(``bitdance_core.checkpoints``: matrices ~ N(0, 1/sqrt(fan_in)), norm scales 1, biases ~ N(0, 0.02)).
+(``bitdance_core.families.text_to_image.random_checkpoint``:
+matrices ~ N(0, 1/sqrt(fan_in)), norm scales 1, biases ~ N(0, 0.02)).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import _random_tensor
-from ..models.autoencoder import BinaryAutoencoder
+from ...models.autoencoder import BinaryAutoencoder
+from ..text_to_image.random_checkpoint import _random_tensor
 from .config import PRESETS, RELEASED_DDCONFIG, ClassModelConfig
 from .heads import ClassHead
 from .transformer import ClassTransformer
@@ -112,7 +113,7 @@ def write_class_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> P
 def build_random_class_model(preset: str, device: str | None = None, dtype: str | None = None, seed: int = 0):
     """A ``LoadedClassModel`` with random weights built in memory (no file; the autoencoder without its encoder,
     as the loader keeps it), for benchmarks at the released shapes. Same distribution as the written files."""
-    from ..device import resolve
+    from ...device import resolve
     from .loader import LoadedClassModel, build_modules
 
     p = CLASS_PRESETS[preset]

@@ -5,9 +5,9 @@ from memory-mapped safetensors files, converted one at a time to the placement's
 and adopted with ``load_state_dict(strict=True, assign=True)``. Every mismatch (missing file,
 missing or unexpected key, wrong shape) is an error naming the file and the keys; nothing is
 ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
-``quantize`` (``bitdance_core.quantize``) converts the prior's linear weights (with int8 also its token embedding
-table) one by one as they are read; a pre-quantised directory (``bitdance quantize``,
-``bitdance_core.quantized_checkpoint``) is recognised and loaded as stored.
+``quantize`` (``bitdance_core.loading.quantize``) converts the prior's linear weights (with int8 also its token
+embedding table) one by one as they are read; a pre-quantised directory (``bitdance quantize``,
+``bitdance_core.loading.quantized_checkpoint``) is recognised and loaded as stored.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from ...device import Placement, resolve
+from ...models.autoencoder import BinaryAutoencoder
+from ...models.diffusion_head import DiffusionHead
+from ...models.projector import Projector
+from ...models.qwen3 import Qwen3Model
 from .config import CheckpointError, ModelConfig
-from .device import Placement, resolve
-from .models.autoencoder import BinaryAutoencoder
-from .models.diffusion_head import DiffusionHead
-from .models.projector import Projector
-from .models.qwen3 import Qwen3Model
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class LoadedModel:
     projector: Projector
     ae: BinaryAutoencoder
     tokenizer: object
-    quantize: str = "none"  # the prior's linear weights: none | int8 | fp8 (bitdance_core.quantize.MODES)
+    quantize: str = "none"  # the prior's linear weights: none | int8 | fp8 (bitdance_core.loading.quantize.MODES)
 
 
 def _fmt(keys, limit: int = 12) -> str:
@@ -82,7 +82,7 @@ class Sources:
 
 def sources(model_dir: str | Path) -> Sources:
     """The files of a text-to-image checkpoint directory, by ``diffusers_layout.checkpoint_layout``."""
-    from . import diffusers_layout as dl
+    from ...loading import diffusers_layout as dl
 
     d = Path(model_dir)
     layout = dl.checkpoint_layout(d)
@@ -190,8 +190,8 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     ``quantize`` (none | int8 | fp8, default none) quantises the prior's linear weights while loading; a
     pre-quantised directory loads as stored (``quantize`` must then be none or its own mode).
     """
-    from . import quantize as q
-    from . import quantized_checkpoint as qc
+    from ...loading import quantize as q
+    from ...loading import quantized_checkpoint as qc
 
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)

@@ -1,0 +1,1 @@
+"""The model families: one package each (text-to-image, class-conditional)."""

@@ -1,0 +1,1 @@
+"""Checkpoint I/O shared by the families: layouts, quantisation, pre-quantised checkpoints."""

@@ -1,0 +1,1 @@
+"""The memory plan (``bitdance plan``, the worker's KV budget), measured on fake ``cuda`` tensors."""
