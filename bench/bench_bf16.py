@@ -26,6 +26,7 @@ import torch
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.families.text_to_image.loader import load_model
+from bitdance_core.worker.worker import engine_for
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny-a"
 CLASS_FIXTURE = FIXTURE.parent / "reference-imagenet-tiny-a"
@@ -39,7 +40,7 @@ def golden_requests(model_dir: Path) -> list[GenerationRequest]:
 
 
 def run(model, reqs) -> dict[str, dict]:
-    return drain(Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="off")), reqs)
+    return drain(engine_for(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="off")), reqs)
 
 
 def drain(engine: Engine, reqs) -> dict[str, dict]:

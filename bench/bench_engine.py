@@ -27,6 +27,7 @@ import torch
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.worker.worker import engine_for
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-tiny-a"
 
@@ -67,7 +68,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     w, h = (int(x) for x in args.size.split("x"))
     pipe = BitDancePipeline.from_pretrained(args.model)
-    engine = Engine(pipe.model, EngineConfig(max_batch_requests=16))
+    engine = engine_for(pipe.model, EngineConfig(max_batch_requests=16))
     T = engine.sizes.ar_steps(h, w)
     every = engine.preview_every_for(h, w)
     engine.warmup()  # measures a step and picks the preview method as the server does

@@ -20,10 +20,11 @@ import torch
 
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
+from bitdance_core.engine.serving_config import ServingConfig
 from bitdance_core.families.text_to_image.random_checkpoint import build_random_model
 from bitdance_core.loading.quantize import MODES, quantize_module_, tensor_bytes
 from bitdance_core.models import attention
-from bitdance_core.serving_config import ServingConfig
+from bitdance_core.worker.worker import engine_for
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 BF16_FLOPS = {"H200": 989e12, "H100": 989e12}
@@ -59,7 +60,7 @@ def measure(preset: str = "14b-64x", device: str = "cuda", dtype: str | None = N
     model = build_random_model(preset, device, dtype)
     quantize_module_(model.llm, quantize, model.placement)  # as a --quantize load keeps the prior
     serving = ServingConfig.for_model(model.config, {"sizes": [[h, w]], "default_size": [h, w]})
-    engine = Engine(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
+    engine = engine_for(model, EngineConfig(max_batch_requests=max(batches), profile=True), serving)
     log(f"built {preset} (quantize {quantize}) on {device} in {time.perf_counter() - t0:.1f}s; attention "
         f"{attention.resolve_backend(engine.device)}; KV rows {engine.cache.rows} x {engine.max_seq_len}")
     run(engine, 1, h, w, 2, guidance)  # warm-up

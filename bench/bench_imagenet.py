@@ -45,6 +45,7 @@ from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.families.class_conditional.loader import load_class_model
 from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
 from bitdance_core.families.class_conditional.random_checkpoint import build_random_class_model, write_class_checkpoint
+from bitdance_core.worker.worker import engine_for
 
 PAPER_IMG_S = {"imagenet-b-1x": 11.0, "imagenet-b-4x": 24.0, "imagenet-b-16x": 90.0}
 
@@ -112,7 +113,7 @@ def section_batch(args, model_path: Path) -> dict:
     cfg = model.config
     stub_decode(model.ae)
     pipe = ClassConditionalPipeline(model)
-    engine = Engine(model, EngineConfig(max_batch_requests=max(args.n), kv_budget_bytes=None))
+    engine = engine_for(model, EngineConfig(max_batch_requests=max(args.n), kv_budget_bytes=None))
     official = None
     if args.official_src:
         official = load_official(args.official_src, model_path, Path(model.vae_path))
@@ -174,7 +175,7 @@ def section_speedup(args) -> dict:
     for preset in ("imagenet-b-1x", "imagenet-b-4x", "imagenet-b-16x"):
         model = build_random_class_model(preset, "cpu")
         stub_decode(model.ae)
-        engine = Engine(model, EngineConfig(max_batch_requests=max(args.n)))
+        engine = engine_for(model, EngineConfig(max_batch_requests=max(args.n)))
         g = model.config.default_guidance
         run_engine(engine, 1, 1, g, "warm")
         c = run_engine(engine, max(args.n), args.steps, g, preset)

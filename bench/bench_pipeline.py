@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitdance_core.families.text_to_image.pipeline import BitDancePipeline, to_uint8
+from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
 from bitdance_core.families.text_to_image.prompts import COND_TEMPLATE, UNCOND_TEXT
+from bitdance_core.models.autoencoder import to_uint8
 from bitdance_core.models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from bitdance_core.resolutions import POS_TABLE_ROWS
 from bitdance_core.sampling import LAST_STEP, time_increments

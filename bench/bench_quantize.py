@@ -174,8 +174,8 @@ print(json.dumps({"peak": (kb("VmHWM") - before) * 1024, "kept": kept}))
 
 
 def memory(tmp: Path) -> None:
+    from bitdance_core.families.text_to_image.quantized_checkpoint import write_quantized
     from bitdance_core.families.text_to_image.random_checkpoint import write_checkpoint
-    from bitdance_core.loading.quantized_checkpoint import write_quantized
 
     print("\n## loading memory (bench-mem preset: LLM stored bf16, kept float32 or int8 on CPU)")
     d = write_checkpoint("bench-mem", tmp / "mem", seed=0)

@@ -51,6 +51,7 @@ from bitdance_core.engine.engine import Engine, EngineConfig  # noqa: E402
 from bitdance_core.engine.recorded_graph import RecordingBackend  # noqa: E402
 from bitdance_core.families.text_to_image.loader import load_model  # noqa: E402
 from bitdance_core.models import attention  # noqa: E402
+from bitdance_core.worker.worker import engine_for  # noqa: E402
 
 FIXTURE = bench_bf16.FIXTURE
 aten = torch.ops.aten
@@ -67,7 +68,7 @@ class _NoHostSync(TorchDispatchMode):
 
 
 def _tokens(model, reqs, engine: Engine | None = None, **cfg) -> dict:
-    engine = engine or Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), **cfg))
+    engine = engine or engine_for(model, EngineConfig(max_batch_requests=max(4, len(reqs)), **cfg))
     return {rid: data["tokens"] for rid, data in bench_bf16.drain(engine, reqs).items()}
 
 
@@ -103,7 +104,7 @@ def check_attention(device: str) -> tuple:
 def check_sync(device: str, warm_steps: int = 4) -> tuple:
     """Warm steps with a running batch (no admission, no finish): the runner's step must not sync."""
     model = load_model(FIXTURE, device, None)
-    engine = Engine(model, EngineConfig(max_batch_requests=4))
+    engine = engine_for(model, EngineConfig(max_batch_requests=4))
     reqs = bench_bf16.golden_requests(FIXTURE)
     for r in reqs:
         engine.add_request(r)
@@ -144,7 +145,7 @@ def check_graphs(device: str) -> tuple:
     """An engine with graphs on (on CPU: the recording stand-in) against one with graphs off."""
     model = load_model(FIXTURE, device, None)
     reqs = bench_bf16.golden_requests(FIXTURE)
-    engine = Engine(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="on"))
+    engine = engine_for(model, EngineConfig(max_batch_requests=max(4, len(reqs)), cuda_graphs="on"))
     if engine.device.type != "cuda":
         engine.runner.set_graph_backend(RecordingBackend())
     on, off = _tokens(model, reqs, engine), _tokens(model, reqs, cuda_graphs="off")

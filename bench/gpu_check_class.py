@@ -27,6 +27,7 @@ from bitdance_core.families.class_conditional.config import DEFAULT_STEPS
 from bitdance_core.families.class_conditional.loader import load_class_model
 from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
 from bitdance_core.families.class_conditional.random_checkpoint import build_random_class_model
+from bitdance_core.worker.worker import engine_for
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference-imagenet-tiny-a"
 THROUGHPUT_TARGET = 0.9  # engine images/s over the batch sampler's: per-request generators and row buckets cost
@@ -59,7 +60,7 @@ def check_bf16(device: str, smoke: bool) -> tuple:
                                      model_args=FIXTURE / "model_args_4x.json")
             if smoke:  # a bf16 decode at 256x256 takes minutes on a CPU: tokens only
                 _stub_decode(model.ae)
-            runs[dtype] = drain(Engine(model, EngineConfig(max_batch_requests=4)), reqs)
+            runs[dtype] = drain(engine_for(model, EngineConfig(max_batch_requests=4)), reqs)
     except Exception as e:  # noqa: BLE001 - the row reports it
         return name, f"failed: {type(e).__name__}: {str(e)[:160]}", "step-0 bits >= 0.95", "FAIL"
     P = model.config.parallel_num
@@ -102,7 +103,7 @@ def _engine_vs_batch(model, device: str, n: int, steps: int, engine: Engine) -> 
 def check_throughput(device: str, dtype: str | None, smoke: bool) -> list[tuple]:
     preset, ns, steps = ("imagenet-tiny", [2], 2) if smoke else ("imagenet-b-4x", [8, 64], DEFAULT_STEPS)
     model = _model(preset, device, dtype)
-    engine = Engine(model, EngineConfig(max_batch_requests=max(ns)))
+    engine = engine_for(model, EngineConfig(max_batch_requests=max(ns)))
     _engine_vs_batch(model, device, 1, 1, engine)  # warm both sides
     rows = []
     for n in ns:
@@ -118,7 +119,7 @@ def check_throughput(device: str, dtype: str | None, smoke: bool) -> list[tuple]
 def check_latency(device: str, dtype: str | None, smoke: bool) -> tuple:
     preset, steps = ("imagenet-tiny-1x", 2) if smoke else ("imagenet-h-1x", 50)
     model = _model(preset, device, dtype)
-    engine = Engine(model, EngineConfig(max_batch_requests=1))
+    engine = engine_for(model, EngineConfig(max_batch_requests=1))
     if not smoke:
         _engine_vs_batch(model, device, 1, 1, engine)  # warm both sides
     eng_s, batch_s = _engine_vs_batch(model, device, 1, steps, engine)

@@ -17,7 +17,7 @@
 each PNG with a ``parameters`` text chunk (JSON: prompt, negative prompt, seed, steps, guidance, size, model, index);
 it applies the server's CPU thread policy (``bitdance_core.cpu_threads``; ``--threads``), shows a progress bar on
 stderr and prints the seed it used (a random one when --seed is absent) and the generation time on stdout.
-Default size, steps and guidance, and the allowed sizes, are the server's (``bitdance_core.serving_config``):
+Default size, steps and guidance, and the allowed sizes, are the server's (``bitdance_core.engine.serving_config``):
 1024x1024, 50 steps, 7.5 for the released checkpoints; a checkpoint's optional ``serving_config.json`` overrides
 them. Heavy imports (torch, the server) happen inside the subcommands, so ``bitdance --help`` is instant.
 """
@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import sys
-import time
-from pathlib import Path
 
+from .cli_generate import CLIError, output_paths, run_generation
 from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DELEGATES = {
@@ -44,41 +42,6 @@ DELEGATES = {
 
 QUANTIZE_MODES = ("none", "int8", "fp8")  # bitdance_core.loading.quantize.MODES, without importing torch for --help
 DTYPES = ("float32", "bfloat16", "float16")  # bitdance_core.device also takes fp32 / bf16 / fp16
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # what --output may end in
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def output_paths(output: str | Path, n: int) -> list[Path]:
-    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several. The suffix picks the format (.png, .jpg /
-    .jpeg, .webp); no suffix: .png; any other suffix is refused naming the supported ones."""
-    out = Path(output)
-    if not out.suffix:
-        out = out.with_name(out.name + ".png")
-    if out.suffix.lower() not in IMAGE_FORMATS:
-        raise CLIError(f"--output {output}: {out.suffix!r} is not an image format this writes; end it in "
-                       f"{', '.join(IMAGE_FORMATS)}")
-    if n == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(n)]
-
-
-def save_image(img, path: Path, params: dict) -> None:
-    """PNG with the server's ``parameters`` text chunks; JPEG / WebP at quality 90, as the server encodes them."""
-    fmt = IMAGE_FORMATS[path.suffix.lower()]
-    if fmt == "PNG":
-        from PIL.PngImagePlugin import PngInfo
-
-        from .png_metadata import png_text
-
-        info = PngInfo()
-        for key, value in png_text(params).items():  # the server's format: no local paths
-            info.add_text(key, value)
-        img.save(path, format=fmt, pnginfo=info)
-    else:
-        img.save(path, format=fmt, quality=90)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -181,88 +144,17 @@ def _generate(args: argparse.Namespace) -> int:
     from .cpu_threads import apply_thread_policy
 
     apply_thread_policy(args.threads)  # the server's CPU policy, before torch loads (OpenMP reads it once)
-    from tqdm import tqdm
+    from .families import registry
+    from .loading.io import CheckpointError
+    from .model_path import resolve_model_path
 
-    from .families.text_to_image.config import CheckpointError
-    from .families.text_to_image.pipeline import BitDancePipeline
-    from .resolutions import SizeError
-    from .serving_config import ServingConfig
-
-    if args.model:  # the server's resolution: a directory holding one class-conditional .pt serves that file
-        from .model_path import resolve_model_path
-
-        try:
+    try:
+        if args.model:  # the server's resolution: a directory holding one class-conditional .pt serves that file
             args.model = resolve_model_path(args.model)
-        except CheckpointError as e:
-            raise CLIError(f"cannot load {args.model}: {e}") from e
-    from .loading.diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
-
-    if args.model and checkpoint_layout(args.model) in (CLASS_PT, CLASS_DIFFUSERS):  # .pt or a diffusers folder
-        from .families.class_conditional.cli import generate_class_conditional
-
-        return generate_class_conditional(args, CLIError, output_paths)
-    if args.class_label:
-        raise CLIError("--class-label needs a class-conditional model (--model BitDance_*.pt); this is a "
-                       "text-to-image checkpoint")
-    if args.prompt is None:
-        raise CLIError("--prompt is required for a text-to-image model")
-    model_dir = Path(args.model) if args.model else None
-    if model_dir is None:
-        from . import default_model_dir
-
-        model_dir = Path(default_model_dir())
-        if not (model_dir / "config.json").is_file():
-            raise CLIError(f"no embedded demo model at {model_dir} (not built yet); pass --model DIR, or write a "
-                           "random one with `bitdance make-checkpoint --preset tiny --output DIR`")
-    if args.num_images < 1:
-        raise CLIError("--num-images must be at least 1")
-    if args.steps is not None and args.steps < 1:
-        raise CLIError("--steps must be at least 1")
-    try:
-        pipe = BitDancePipeline.from_pretrained(model_dir, device=args.device, dtype=args.dtype,
-                                                quantize=args.quantize)
-        serving = ServingConfig.for_model(pipe.config)  # the same defaults and sizes as the server
-    except (CheckpointError, ValueError, RuntimeError) as e:  # a broken checkpoint, a bad --device / --dtype
-        raise CLIError(f"cannot load {model_dir}: {e}") from e
-    dh, dw = serving.default_size
-    height = args.height if args.height is not None else (args.width if args.width is not None else dh)
-    width = args.width if args.width is not None else (args.height if args.height is not None else dw)
-    steps = args.steps if args.steps is not None else serving.default_steps
-    guidance = args.guidance if args.guidance is not None else serving.default_guidance
-    try:
-        serving.size_policy(pipe.config).check(height, width)
-    except SizeError as e:
-        raise CLIError(str(e)) from e
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    print(f"seed: {seed}", flush=True)
-
-    bar = None if args.no_progress else tqdm(desc="generating", unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def progress(step: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(step - bar.n)
-
-    t0 = time.perf_counter()
-    try:
-        out = pipe(args.prompt, height, width, steps=steps, guidance_scale=guidance, seed=seed,
-                   num_images=args.num_images, negative_prompt=args.negative_prompt, callback=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)  # as the server's timings.generation_s
-
-    from .png_metadata import image_parameters
-
-    paths = output_paths(args.output, args.num_images)
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = image_parameters(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=out.seed,
-                                  steps=steps, guidance_scale=guidance, width=width, height=height,
-                                  model=pipe.config.name, index=i, num_images=args.num_images)
-        save_image(img, path, params)
-        print(f"saved: {path}", flush=True)
-    return 0
+        family = registry.for_path(args.model) if args.model else registry.FAMILIES["text_to_image"]
+    except CheckpointError as e:
+        raise CLIError(f"cannot load {args.model}: {e}") from e
+    return run_generation(family.generate(args), args)
 
 
 def _make_checkpoint(args: argparse.Namespace) -> int:
@@ -293,8 +185,8 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .families.text_to_image.config import CheckpointError
-    from .loading.quantized_checkpoint import write_quantized
+    from .families.text_to_image.quantized_checkpoint import write_quantized
+    from .loading.io import CheckpointError
 
     try:
         out = write_quantized(args.model, args.output, args.quantize, device=args.device)
@@ -307,7 +199,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from .families.text_to_image.config import CheckpointError
+    from .loading.io import CheckpointError
     from .planning.memory_plan import parse_bytes, plan_dir, plan_preset
 
     try:
@@ -320,8 +212,8 @@ def _plan(args: argparse.Namespace) -> int:
         if not (x and w.isdigit() and h.isdigit()):
             raise CLIError(f"--size {args.size!r} is not WxH (e.g. 1024x1024)")
         size = (int(h), int(w))
+    from .families.text_to_image.quantized_checkpoint import stored_mode
     from .loading.quantize import fake_build
-    from .loading.quantized_checkpoint import stored_mode
 
     try:
         mode = args.quantize

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from .device import resolve
-from .families.text_to_image.pipeline import to_uint8
-from .models.autoencoder import BinaryAutoencoder
+from .models.autoencoder import BinaryAutoencoder, to_uint8
 from .models.projector import patchify, unpatchify_tokens
 from .tokenize import DEFAULT_MAX_SIDE, TokenizerSpec
 
@@ -87,24 +86,7 @@ class ImageTokenizer:
 def attach_encoder(model) -> None:
     """Give a loaded generator's autoencoder its encoder (read from the files it came from) if it has none."""
     if model.ae.encoder is None:
-        model.ae.add_encoder(_encoder_state(model), what="encoder")
-
-
-def _encoder_state(model) -> dict[str, torch.Tensor]:
-    from .families.class_conditional.loader import LoadedClassModel, load_pickle
-
-    if isinstance(model, LoadedClassModel):
-        if model.vae_path is not None:
-            state = load_pickle(Path(model.vae_path))["state_dict"]
-            return {k: v for k, v in state.items() if k.startswith("encoder.")}
-        ckpt = load_pickle(Path(model.path))
-        state = ckpt[model.weights]
-        return {k[4:]: v for k, v in state.items() if k.startswith("vae.encoder.")}
-    from safetensors import safe_open
-
-    path = Path(model.config.model_dir) / "ae.safetensors"
-    with safe_open(str(path), "pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if k.startswith("encoder.")}  # noqa: SIM118 - safe_open
+        model.ae.add_encoder(model.encoder_state(), what="encoder")
 
 
 def find_config(path: Path, config: str | Path | None) -> Path | None:

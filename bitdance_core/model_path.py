@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .families.text_to_image.config import CheckpointError, ModelConfig
+from .families.text_to_image.config import ModelConfig
+from .loading.io import CheckpointError
 
 
 def class_checkpoints(directory: Path) -> list[Path]:

@@ -43,8 +43,8 @@ def load_tokenizer(args: argparse.Namespace):
 
         m = load_class_model(model, args.device, args.dtype, vae=args.vae, model_args=args.model_args)
         return ImageTokenizer.for_model(m, (tuple(m.config.size),))
+    from .engine.serving_config import ServingConfig
     from .families.text_to_image.config import ModelConfig
-    from .serving_config import ServingConfig
     from .tokenize import TokenizerSpec
 
     cfg = ModelConfig.from_dir(Path(model))

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from bitdance_core.engine.protocol import ErrorCode
+from bitdance_core.engine.serving_config import InvalidRequest
 from bitdance_core.families.class_conditional.classes import HOW, label_for_prompt
-from bitdance_core.serving_config import InvalidRequest
 from server.errors import APIError
 
 INVALID = ErrorCode.INVALID.value

@@ -125,7 +125,7 @@ def serve_main(argv: list[str] | None = None) -> int:
 def _resolve_model(settings: Settings) -> tuple[Settings, str | None]:
     """``--model`` resolved (a directory holding one class-conditional ``.pt``: that file) and checked before the
     server listens: an error here is one no restart fixes."""
-    from bitdance_core.families.text_to_image.config import CheckpointError
+    from bitdance_core.loading.io import CheckpointError
     from bitdance_core.model_path import resolve_model_path
 
     try:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitdance_core.families.text_to_image.config import CheckpointError
 from bitdance_core.families.text_to_image.loader import load_model
 from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.loading.io import CheckpointError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

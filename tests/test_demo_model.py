@@ -10,7 +10,7 @@ import pytest
 from bitdance_core import default_model_dir
 from bitdance_core.demo import data
 from bitdance_core.demo.score import score
-from bitdance_core.serving_config import ServingConfig
+from bitdance_core.engine.serving_config import ServingConfig
 
 DEMO = Path(default_model_dir())
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -17,9 +17,10 @@ from bitdance_core.cli import main as cli_main
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.families.class_conditional.loader import load_class_model
-from bitdance_core.families.text_to_image.config import CheckpointError, ModelConfig
+from bitdance_core.families.text_to_image.config import ModelConfig
 from bitdance_core.families.text_to_image.loader import load_model
 from bitdance_core.loading import diffusers_layout as dl
+from bitdance_core.loading.io import CheckpointError
 from bitdance_core.planning.memory_plan import plan_dir
 
 SEED = 3

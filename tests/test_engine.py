@@ -19,8 +19,8 @@ from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.previews import default_preview_every
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.engine.recorded_graph import RecordingBackend
+from bitdance_core.engine.serving_config import InvalidRequest
 from bitdance_core.families.text_to_image.loader import load_model
-from bitdance_core.serving_config import InvalidRequest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 

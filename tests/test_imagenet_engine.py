@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
 from bitdance_core.engine.recorded_graph import RecordingBackend
+from bitdance_core.engine.serving_config import InvalidRequest
 from bitdance_core.families.class_conditional.family import NULL_KEY
 from bitdance_core.families.class_conditional.loader import load_class_model
 from bitdance_core.families.class_conditional.pipeline import ClassConditionalPipeline
 from bitdance_core.families.class_conditional.random_checkpoint import write_class_checkpoint
-from bitdance_core.serving_config import InvalidRequest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"
 CASES = json.loads((FIXTURE / "golden.json").read_text())["cases"]

@@ -18,7 +18,7 @@ from bitdance_core.families.class_conditional.loader import find_vae, load_class
 from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS, write_class_checkpoint
 from bitdance_core.families.class_conditional.resolve import from_file_name, resolve_config
 from bitdance_core.families.class_conditional.transformer import ClassTransformer
-from bitdance_core.families.text_to_image.config import CheckpointError
+from bitdance_core.loading.io import CheckpointError
 from bitdance_core.models.autoencoder import BinaryAutoencoder
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"

@@ -18,10 +18,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bitdance_core.engine.engine import EngineConfig
+from bitdance_core.engine.serving_config import ServingConfig
 from bitdance_core.families.text_to_image.random_checkpoint import get_preset, model_config
 from bitdance_core.planning import memory_plan as mp
 from bitdance_core.planning.fake_memory import FakeMode, LiveBytes
-from bitdance_core.serving_config import ServingConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from bitdance_core import cli
 from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest
-from bitdance_core.families.text_to_image.config import CheckpointError
 from bitdance_core.families.text_to_image.loader import load_model
 from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.quantized_checkpoint import write_quantized
 from bitdance_core.loading import quantize as q
-from bitdance_core.loading.quantized_checkpoint import write_quantized
+from bitdance_core.loading.io import CheckpointError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",

@@ -13,11 +13,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bitdance_core.families.text_to_image.config import CheckpointError
 from bitdance_core.families.text_to_image.loader import load_model
 from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
+from bitdance_core.families.text_to_image.quantized_checkpoint import write_quantized
 from bitdance_core.loading import quantize as q
-from bitdance_core.loading.quantized_checkpoint import write_quantized
+from bitdance_core.loading.io import CheckpointError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-tiny-a"
 ARGS = dict(prompt="a red circle", height=64, width=64, steps=3, guidance_scale=2.0, seed=5)

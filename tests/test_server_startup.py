@@ -14,7 +14,7 @@ import httpx
 import pytest
 from server_harness import LiveServer, real_worker_available, wait_for
 
-from bitdance_core.families.text_to_image.config import CheckpointError
+from bitdance_core.loading.io import CheckpointError
 from bitdance_core.model_path import resolve_model_path
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from bitdance_core.families.text_to_image.pipeline import to_uint8
 from bitdance_core.image_tokenizer import ImageTokenizer, load_autoencoder
+from bitdance_core.models.autoencoder import to_uint8
 from bitdance_core.tokenize import (
     TokenizeError,
     TokenizerSpec,

@@ -48,8 +48,8 @@ def evaluate(
     ``quantize`` (none | int8) loads the prior quantised (``bitdance_core.loading.quantize``)."""
     from tqdm import tqdm
 
+    from bitdance_core.engine.serving_config import ServingConfig
     from bitdance_core.families.text_to_image.pipeline import BitDancePipeline
-    from bitdance_core.serving_config import ServingConfig
 
     if threads:
         torch.set_num_threads(threads)

@@ -24,17 +24,16 @@ import numpy as np
 import torch
 
 from ..device import generator
-from ..families.text_to_image.loader import LoadedModel
+from ..models.attention import resolve_backend
 from ..models.kv_cache import KVCache
-from ..serving_config import ServingConfig
 from .engine_config import EngineConfig
-from .family import default_serving, family_for
 from .faults import EngineDead, on_step_error, prefill_isolating
 from .previews import PreviewRenderer, default_preview_every
 from .protocol import ErrorCode, EventKind, GenerationRequest
 from .request import EngineEvent, InvalidRequest, RequestState
 from .runner import Runner
 from .scheduler import Scheduler, SchedulerConfig, Ticket
+from .serving_config import ServingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +41,14 @@ CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on CPU when not configured
 
 
 class Engine:
-    def __init__(self, model: LoadedModel, config: EngineConfig | None = None, serving: ServingConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, serving: ServingConfig | None = None,
+                 memory_plan=None):
+        """``model``: a loaded model of any family (it names the ``ModelFamily`` class that serves it,
+        ``model.family_type``). The KV cache gets ``config.kv_budget_bytes``, else ``memory_plan.kv_bytes`` (the
+        worker asks ``bitdance_core.planning`` on CUDA), else 1 GiB on CPU."""
         self.model, self.config = model, config or EngineConfig()
-        self.serving = serving or default_serving(model)
+        self.serving = serving or model.family_type.default_serving(model)
+        self.memory_plan = memory_plan
         self._init_model()
         self._init_cache()
         self.requests: dict[str, RequestState] = {}
@@ -55,7 +59,7 @@ class Engine:
     # ---- setup -----------------------------------------------------------------------------
 
     def _init_model(self) -> None:
-        self.family = family_for(self.model, self.serving)
+        self.family = self.model.family_type(self.model, self.serving)
         self.P, self.C, self.device = self.family.parallel_num, self.family.z_channels, self.family.device
         self.sizes = self.family.sizes
         self.previews = PreviewRenderer(self.family.ae, self.family.latent, self.C, self.family.downsample,
@@ -68,14 +72,13 @@ class Engine:
         layers, kv_heads, head_dim = prior.kv_layout()
         per_row = KVCache.bytes_per_token_row(layers, kv_heads, head_dim, prior.dtype) * self.max_seq_len
         budget = self.config.kv_budget_bytes
+        if budget is None and self.memory_plan is not None:
+            budget = max(1, self.memory_plan.kv_bytes)
         if budget is None:
             if self.device.type == "cuda":
-                from ..planning.memory_plan import plan_on_device
-
-                self.memory_plan = plan_on_device(self.model, self.serving, self.config)
-                budget = max(1, self.memory_plan.kv_bytes)
-            else:
-                budget = CPU_KV_BUDGET
+                raise ValueError("on CUDA the KV budget comes from the memory plan: give kv_budget_bytes or "
+                                 "memory_plan (the worker's build_engine asks bitdance_core.planning)")
+            budget = CPU_KV_BUDGET
         rows = min(budget // per_row, self.config.max_batch_requests * 2 * lim.num_images[1])
         if rows < 1:
             raise RuntimeError(f"KV budget {budget} bytes is below one row "
@@ -99,8 +102,7 @@ class Engine:
                          **extra_defaults},
             "limits": s.limits.as_dict(), "device": str(self.device),
             "dtype": str(self.family.prior.dtype).removeprefix("torch."),
-            "attention_backend": __import__("bitdance_core.models.attention",
-                                           fromlist=["x"]).resolve_backend(self.device),
+            "attention_backend": resolve_backend(self.device),
             "preview_every": self.preview_every_for(h, w), "preview_method": self.previews.method,
             "max_batch_requests": self.config.max_batch_requests, "max_waiting": self.config.max_waiting,
             "kv_rows": self.cache.rows, "max_seq_len": self.max_seq_len, "cuda_graphs": self.runner.use_graphs,

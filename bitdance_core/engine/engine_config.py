@@ -4,7 +4,7 @@
 the server's settings (``bitdance serve`` flags and ``BITDANCE_*`` variables) and the benchmarks all
 take them from here. ``DEFAULT_STEPS`` / ``DEFAULT_GUIDANCE`` are the request defaults of a checkpoint
 without a ``serving_config.json`` (the released models' 50 steps and guidance 7.5); the served values
-come from :class:`bitdance_core.serving_config.ServingConfig`, which starts from these.
+come from :class:`bitdance_core.engine.serving_config.ServingConfig`, which starts from these.
 Standard library only.
 """
 

@@ -4,7 +4,8 @@ The engine (admission, KV slots, the shared unconditional-prefix cache, the fuse
 sampler, previews, events) is one piece of code for every BitDance model. What differs between
 the text-to-image models (Qwen3 prior, prompts) and the class-conditional ImageNet models
 (LlamaGen-style prior, class labels) lives behind :class:`ModelFamily`. A family is built once
-per loaded model by :func:`family_for` and is stateless per request: per-request data lives in
+per loaded model (the engine builds ``model.family_type``; ``bitdance_core.families.registry`` lists
+the families) and is stateless per request: per-request data lives in
 the :class:`Prepared` it returns and in the engine's ``RequestState``.
 
 Rows. A request with ``B`` images has ``B`` conditional rows and, when it uses guidance,
@@ -83,12 +84,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..families.text_to_image.loader import LoadedModel
-from ..families.text_to_image.pipeline import to_uint8
-from ..families.text_to_image.prompts import PromptEncoder
-from ..models.projector import pos2d_table, sincos_1d, unpatchify_tokens
-from ..resolutions import POS_TABLE_ROWS, SizeError
-from ..serving_config import InvalidRequest, ServingConfig
+from ..loading.quantize import module_bytes as _module_bytes
+from ..models.autoencoder import to_uint8
+from .protocol import GenerationRequest
+from .serving_config import ServingConfig
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,13 @@ class ModelFamily(ABC):
     ``ch_cond``), ``prefill_block`` (the mutually visible tail of a prefill), ``time_shift``
     (of the sampler's time grid), ``downsample``, ``sizes`` and ``device``."""
 
-    kind: str
+    kind: str  # shown in /info: "text-to-image" | "class-conditional"
+    name: str  # the registry key (bitdance_core.families.registry): the loaded model and its config name it
+
+    @classmethod
+    @abstractmethod
+    def default_serving(cls, model) -> ServingConfig:
+        """The model's serving defaults (sizes, steps, guidance) when the deployment gives none."""
 
     @abstractmethod
     def prepare(self, req) -> Prepared: ...
@@ -165,8 +170,6 @@ class ModelFamily(ABC):
 
     def example_request(self, request_id: str, height: int, width: int, **kw):
         """A valid request for warm-up (``kw``: steps, guidance_scale, seed, preview_every)."""
-        from .protocol import GenerationRequest
-
         return GenerationRequest(request_id, "warm up", height, width, **kw)
 
     # ---- what the memory plan asks (memory_plan.py knows no model kind) ---------------------
@@ -179,9 +182,7 @@ class ModelFamily(ABC):
 
     @classmethod
     def model_bytes(cls, model) -> dict[str, int]:
-        from ..loading.quantize import module_bytes
-
-        return {name: module_bytes(getattr(model, name)) for name in cls.MODULES}
+        return {name: _module_bytes(getattr(model, name)) for name in cls.MODULES}
 
     def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
                       distinct: int) -> list:
@@ -192,146 +193,3 @@ class ModelFamily(ABC):
 
     def info(self) -> dict:
         return {"kind": self.kind}
-
-
-class TextToImage(ModelFamily):
-    """Qwen3 prior, prompts (and negative prompts) as the condition, 2-D sincos position table."""
-
-    kind = "text-to-image"
-    MODULES = ("llm", "head", "projector", "ae")  # no lm_head, no AE encoder
-
-    def __init__(self, model: LoadedModel, serving: ServingConfig):
-        cfg = model.config
-        self.model, self.serving = model, serving
-        self.prior, self.head, self.ae, self.projector = model.llm, model.head, model.ae, model.projector
-        self.parallel_num, self.z_channels = cfg.parallel_num, cfg.z_channels
-        self.hidden_size = self.cond_dim = cfg.llm.hidden_size
-        self.prefill_block, self.time_shift, self.downsample = cfg.parallel_num, cfg.time_shift, cfg.downsample
-        self.patch_side, self.device = cfg.patch_side, model.placement.device
-        self.prompts = PromptEncoder(model.tokenizer, self.parallel_num)
-        self.sizes = serving.size_policy(cfg)
-        self._pos_1d = sincos_1d(cfg.llm.hidden_size // 2, POS_TABLE_ROWS).to(self.device)
-        self._pe: dict[tuple[int, int], torch.Tensor] = {}
-
-    def prepare(self, req) -> Prepared:
-        try:
-            h, w = self.sizes.grid(req.height, req.width)
-        except SizeError as e:
-            raise InvalidRequest(str(e), field="size") from e
-        limit = self.serving.limits.max_prompt_tokens
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is not None and (n := self.prompts.count_user_tokens(text)) > limit:
-                raise InvalidRequest(f"{name} is {n} tokens long; at most {limit} tokens are allowed", field=name)
-        image_prefix = self.prompts.image_prefix_ids(h, w)
-        cond = self.prompts.cond_ids(req.prompt) + image_prefix
-        uncond = key = None
-        if req.guidance_scale > 1.0:
-            uncond = self.prompts.uncond_ids(req.negative_prompt) + image_prefix
-            key = (h, w, req.negative_prompt)
-        return Prepared(h, w, h * w // self.parallel_num, cond, len(cond), uncond, len(uncond or ()), key)
-
-    def max_prefix_len(self) -> int:
-        template = len(self.prompts.cond_ids(""))
-        return template + self.serving.limits.max_prompt_tokens + self.parallel_num + 2
-
-    def prefix_embeddings(self, prefix: list[int]) -> torch.Tensor:
-        return self.prior.embed_tokens(torch.tensor(prefix, device=self.device))
-
-    def step_guidance(self, st, step: int) -> float | None:
-        return st.req.guidance_scale if st.prep.uses_cfg else None
-
-    def pos_table(self, h: int, w: int) -> torch.Tensor:
-        if (h, w) not in self._pe:
-            self._pe[(h, w)] = pos2d_table(h, w, self.patch_side, self.hidden_size, self._pos_1d)
-        return self._pe[(h, w)]
-
-    def head_offset(self, st, step: int) -> torch.Tensor:
-        P = self.parallel_num
-        return self.pos_table(st.h, st.w)[step * P : (step + 1) * P]
-
-    feed_offset = head_offset
-
-    def feed_embeddings(self, bits: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        return self.projector(bits).float() + offset
-
-    def latent(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return unpatchify_tokens(tokens, h, w, self.patch_side)
-
-    def plan_requests(self, n: int, height: int, width: int, *, steps: int, guidance: float,
-                      distinct: int) -> list:
-        from .protocol import GenerationRequest
-
-        limit = self.serving.limits.max_prompt_tokens
-        prompt = _longest_text(self.prompts, limit, "a photo of ")
-        negative = _longest_text(self.prompts, limit - 2, "blurry ")
-        return [GenerationRequest(f"plan-{i}", prompt, height, width, seed=i, steps=steps, guidance_scale=guidance,
-                                  negative_prompt=f"{i % max(1, distinct)} {negative}", preview_every=0)
-                for i in range(n)]
-
-
-def _longest_text(prompts, limit: int, word: str) -> str:
-    """A prompt of at most ``limit`` user tokens, as long as the tokenizer allows."""
-    per = max(1, prompts.count_user_tokens(word * 8) // 8)
-    n = max(1, limit // per)
-    while n > 1 and prompts.count_user_tokens(word * n) > limit:
-        n -= 1
-    return (word * n).strip()
-
-
-def fake_text_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
-    """A text-to-image ``LoadedModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``), as
-    ``load_model`` builds it: modules on ``meta``, then every state-dict entry adopted as a fake tensor of
-    ``dtype``. ``build(config, dtype)`` may replace this (e.g. a quantising builder)."""
-    from ..device import Placement
-    from ..families.text_to_image.loader import build_modules
-
-    with torch.device(device):
-        if build is not None:
-            modules = build(config, dtype)
-        else:
-            modules = build_modules(config, with_encoder=False)
-            for m in modules:
-                state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
-                         for k, v in m.state_dict(keep_vars=True).items()}
-                m.load_state_dict(state, strict=True, assign=True)
-    for m in modules:
-        m.eval().requires_grad_(False)
-    return LoadedModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
-                       tokenizer)
-
-
-def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
-    """A model of fake tensors of the kind ``config`` describes (text-to-image or class-conditional)."""
-    from ..families.class_conditional.config import ClassModelConfig
-
-    if isinstance(config, ClassModelConfig):
-        from ..families.class_conditional.family import fake_class_model
-
-        return fake_class_model(config, dtype, device, build=build)
-    return fake_text_model(config, dtype, device, tokenizer=tokenizer, build=build)
-
-
-def default_serving(model) -> ServingConfig:
-    """A model's serving defaults when none are given (a class-conditional model has its own)."""
-    from ..families.class_conditional.loader import LoadedClassModel
-
-    if isinstance(model, LoadedClassModel):
-        from ..families.class_conditional.family import serving_for
-
-        return serving_for(model)
-    return ServingConfig.for_model(model.config)
-
-
-def family_class(model) -> type[ModelFamily]:
-    """The family of a loaded model: class-conditional for a ``LoadedClassModel``, else text-to-image."""
-    from ..families.class_conditional.loader import LoadedClassModel
-
-    if isinstance(model, LoadedClassModel):
-        from ..families.class_conditional.family import ClassConditional
-
-        return ClassConditional
-    return TextToImage
-
-
-def family_for(model, serving: ServingConfig) -> ModelFamily:
-    return family_class(model)(model, serving)

@@ -18,9 +18,9 @@ import queue
 import time
 from collections.abc import Callable
 
-from ..serving_config import InvalidRequest
 from .protocol import Cancel, ErrorCode, EventKind, Shutdown, Submit
 from .request import EngineEvent
+from .serving_config import InvalidRequest
 
 logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.2  # how long an idle loop blocks on the inbox before its periodic work (heartbeats)

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from ..serving_config import InvalidRequest  # noqa: F401  (re-exported)
 from .family import Prepared
 from .protocol import EventKind, GenerationRequest
+from .serving_config import InvalidRequest  # noqa: F401  (re-exported)
 
 
 @dataclass

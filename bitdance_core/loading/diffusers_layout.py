@@ -24,7 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..families.text_to_image.config import AE_DDCONFIG_KEYS, HEAD_KEYS, CheckpointError, LLMConfig, ModelConfig
+from .io import CheckpointError
+
+AE_DDCONFIG_KEYS = {"ch", "out_ch", "in_channels", "num_res_blocks", "z_channels", "ch_mult", "resolution", "double_z"}
 
 OFFICIAL, DIFFUSERS, CLASS_PT, CLASS_DIFFUSERS = "official", "diffusers", "class-pt", "class-diffusers"
 LAYOUTS = (OFFICIAL, DIFFUSERS, CLASS_PT, CLASS_DIFFUSERS)
@@ -40,11 +42,6 @@ T2I_COMPONENTS: dict[str, str | None] = {
 CLASS_PIPELINE = "BitDanceImageNetPipeline"
 CLASS_COMPONENTS: dict[str, str | None] = {"transformer": "BitDanceImageNetTransformer"}
 CLASS_OPTIONAL_COMPONENTS: dict[str, str | None] = {"autoencoder": "BitDanceImageNetAutoencoder"}
-HEAD_REQUIRED = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln")
-PROJECTOR_ACT = "gelu_pytorch_tanh"  # models/projector.py: gelu with the tanh approximation
-# official-layout file names in the shared ModelConfig checks -> their diffusers-layout names
-_RENAMES = (("vision_head_config.json", "diffusion_head/config.json"), ("ae_config.json", "autoencoder/config.json"),
-            ("config.json hidden_size", "text_encoder/config.json hidden_size"))
 
 
 def checkpoint_layout(path: str | Path) -> str:
@@ -132,128 +129,3 @@ def weight_files(folder: Path, stem: str = "diffusion_pytorch_model") -> tuple[P
 
 
 # ---- text-to-image ----------------------------------------------------------------------------------------------
-
-
-def _check_sizes(sizes: Any) -> None:
-    ok = isinstance(sizes, list) and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x > 0
-                                                                                       for x in s) for s in sizes)
-    if not ok:
-        raise CheckpointError(f"{MODEL_INDEX}: supported_image_sizes must be a list of [height, width], "
-                              f"found {sizes!r}")
-
-
-def t2i_config(d: str | Path) -> ModelConfig:
-    """The ``ModelConfig`` of a text-to-image diffusers directory, checked key by key."""
-    d = Path(d)
-    if checkpoint_layout(d) == CLASS_DIFFUSERS:
-        raise CheckpointError(f"{d} holds a class-conditional model (a BitDance-ImageNet-diffusers folder), not a "
-                              "text-to-image checkpoint: serve it with `bitdance serve --model`")
-    index = check_model_index(d, T2I_PIPELINE, T2I_COMPONENTS, extra=("supported_image_sizes",))
-    if "supported_image_sizes" in index:  # the pipeline's own list: the server's size policy governs instead
-        _check_sizes(index["supported_image_sizes"])
-    te = read_json(d / "text_encoder" / "config.json")
-    arch = te.get("architectures")
-    if arch is not None and arch != ["Qwen3ForCausalLM"]:
-        raise CheckpointError(f"text_encoder/config.json: architectures {arch!r} is not ['Qwen3ForCausalLM']")
-    llm = LLMConfig.from_hf_dict(te, source="text_encoder/config.json")
-
-    ae = public(read_json(d / "autoencoder" / "config.json"))
-    check_keys(ae, "autoencoder/config.json", ("ddconfig", "gan_decoder"), required=("ddconfig",))
-    if not isinstance(ae["ddconfig"], dict):
-        raise CheckpointError("autoencoder/config.json: ddconfig must be an object")
-    check_keys(ae["ddconfig"], "autoencoder/config.json ddconfig", AE_DDCONFIG_KEYS)
-    if not isinstance(ae.get("gan_decoder", False), bool):
-        raise CheckpointError(f"autoencoder/config.json: gan_decoder must be true or false, "
-                              f"found {ae['gan_decoder']!r}")
-
-    head = public(read_json(d / "diffusion_head" / "config.json"))
-    check_keys(head, "diffusion_head/config.json", HEAD_KEYS, required=HEAD_REQUIRED)
-
-    proj = public(read_json(d / "projector" / "config.json"))
-    check_keys(proj, "projector/config.json", ("in_dim", "out_dim", "hidden_act"), required=("in_dim", "out_dim"))
-    z = ae["ddconfig"].get("z_channels")
-    if proj["in_dim"] != z:
-        raise CheckpointError(f"projector/config.json: in_dim={proj['in_dim']} != autoencoder z_channels={z}")
-    if proj["out_dim"] != llm.hidden_size:
-        raise CheckpointError(f"projector/config.json: out_dim={proj['out_dim']} != text_encoder/config.json "
-                              f"hidden_size={llm.hidden_size}")
-    if proj.get("hidden_act", PROJECTOR_ACT) != PROJECTOR_ACT:
-        raise CheckpointError(f"projector/config.json: hidden_act {proj['hidden_act']!r} is not {PROJECTOR_ACT!r}")
-    try:
-        return ModelConfig(llm=llm, ae_ddconfig=dict(ae["ddconfig"]), gan_decoder=bool(ae.get("gan_decoder", False)),
-                           head=head, name=d.resolve().name, model_dir=str(d.resolve()))
-    except CheckpointError as e:  # the shared cross-checks name the official files: name this layout's
-        msg = str(e)
-        for old, new in _RENAMES:
-            msg = msg.replace(old, new)
-        raise CheckpointError(msg) from e
-
-
-# ---- class-conditional (BitDance-ImageNet-diffusers) ----------------------------------------------------------
-
-# transformer/config.json: key -> the official argparse name it sets (None: checked, not an architecture field)
-CLASS_KEYS = {
-    "architecture": "model", "parallel_num": "parallel_num", "resolution": "image_size", "down_size": "down_size",
-    "latent_dim": "latent_dim", "num_classes": "num_classes", "parallel_mode": "parallel_mode",
-    "time_shift": "time_shift", "source_checkpoint": None, "source_key": None, "runtime_impl": None,
-    "time_schedule": None, "p_std": None, "p_mean": None,
-}
-CLASS_REQUIRED = ("architecture", "parallel_num", "resolution", "down_size", "latent_dim", "num_classes")
-# sizes of an architecture that is not an official preset (written by ``make-checkpoint`` for its tiny presets)
-CLASS_SIZE_KEYS = ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers", "cls_token_num")
-OFFICIAL_ARCHS = ("BitDance-B", "BitDance-L", "BitDance-H")
-RUNTIME_IMPLS = {"model.py": False, "model_parallel.py": True}  # file -> parallel (parallel_num > 1)
-
-
-def class_config(d: str | Path) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
-    """(official argparse names for ``resolve_config``, the autoencoder's ddconfig or None, the source key)
-    of one ``BitDance-ImageNet-diffusers`` model folder."""
-    d = Path(d)
-    check_model_index(d, CLASS_PIPELINE, CLASS_COMPONENTS, CLASS_OPTIONAL_COMPONENTS)
-    where = "transformer/config.json"
-    cfg = public(read_json(d / "transformer" / "config.json"))
-    check_keys(cfg, where, [*CLASS_KEYS, *CLASS_SIZE_KEYS], required=CLASS_REQUIRED)
-    arch = cfg["architecture"]
-    sizes = [k for k in CLASS_SIZE_KEYS if k in cfg]
-    if arch in OFFICIAL_ARCHS and sizes:
-        raise CheckpointError(f"{where}: {sizes} are set by the architecture {arch}; remove them")
-    lacking = [k for k in CLASS_SIZE_KEYS if k not in cfg and k != "cls_token_num"]
-    if arch not in OFFICIAL_ARCHS and lacking:
-        raise CheckpointError(f"{where}: architecture {arch!r} is none of {list(OFFICIAL_ARCHS)}; a custom one needs "
-                              f"{lacking}")
-    for k in ("parallel_num", "resolution", "down_size", "latent_dim", "num_classes", *sizes):
-        if not isinstance(cfg[k], int) or isinstance(cfg[k], bool) or cfg[k] < 1:
-            raise CheckpointError(f"{where}: {k} must be a positive integer, found {cfg[k]!r}")
-    impl = cfg.get("runtime_impl")
-    if impl is not None and (impl not in RUNTIME_IMPLS or RUNTIME_IMPLS[impl] != (cfg["parallel_num"] > 1)):
-        want = "model_parallel.py" if cfg["parallel_num"] > 1 else "model.py"
-        raise CheckpointError(f"{where}: runtime_impl {impl!r} does not fit parallel_num={cfg['parallel_num']} "
-                              f"(expected {want!r})")
-    key = cfg.get("source_key", "ema")
-    if key not in ("ema", "model"):
-        raise CheckpointError(f"{where}: source_key {key!r} is neither 'ema' nor 'model'")
-    if cfg.get("time_schedule", "logit_normal") not in ("logit_normal", "uniform"):
-        raise CheckpointError(f"{where}: time_schedule {cfg['time_schedule']!r} is neither 'logit_normal' nor "
-                              "'uniform' (a training setting; sampling does not use it)")
-    for k in ("time_shift", "p_std", "p_mean"):
-        if k in cfg and (not isinstance(cfg[k], int | float) or isinstance(cfg[k], bool)):
-            raise CheckpointError(f"{where}: {k} must be a number, found {cfg[k]!r}")
-    if "source_checkpoint" in cfg and not isinstance(cfg["source_checkpoint"], str):
-        raise CheckpointError(f"{where}: source_checkpoint must be a string")
-    args = {CLASS_KEYS[k]: v for k, v in cfg.items() if CLASS_KEYS.get(k)}
-    args.update({k: cfg[k] for k in sizes})
-
-    ddconfig = None
-    ae_dir = d / "autoencoder"
-    if ae_dir.is_dir():
-        ae = public(read_json(ae_dir / "config.json"))
-        check_keys(ae, "autoencoder/config.json", ("ddconfig", "num_codebooks", "source_checkpoint"),
-                   required=("ddconfig",))
-        if not isinstance(ae["ddconfig"], dict):
-            raise CheckpointError("autoencoder/config.json: ddconfig must be an object")
-        check_keys(ae["ddconfig"], "autoencoder/config.json ddconfig", AE_DDCONFIG_KEYS)
-        nc = ae.get("num_codebooks", 1)
-        if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:  # the quantiser's groups: encoder only
-            raise CheckpointError(f"autoencoder/config.json: num_codebooks must be a positive integer, found {nc!r}")
-        ddconfig = ae["ddconfig"]
-    return args, ddconfig, key

@@ -298,15 +298,13 @@ def empty_quantized(shape: tuple[int, int], mode: str, dtype: torch.dtype) -> to
 
 
 def fake_build(mode: str):
-    """A ``build(config, dtype)`` for ``memory_plan.plan``: the modules as a ``mode`` load keeps them (none: None)."""
+    """A ``build(modules, dtype)`` for ``memory_plan.plan``: fills the meta-built modules (the prior first) with fake
+    tensors as a ``mode`` load keeps them (none: None)."""
     mode = check_mode(mode)
     if mode == "none":
         return None
 
-    def build(config, dtype: torch.dtype):
-        from ..families.text_to_image.loader import build_modules
-
-        modules = build_modules(config, with_encoder=False)
+    def build(modules, dtype: torch.dtype):
         prepare_prior_(modules[0], mode)
         for i, m in enumerate(modules):
             state = {}

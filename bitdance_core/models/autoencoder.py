@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,11 @@ def depth_to_space(x: torch.Tensor, block: int = 2) -> torch.Tensor:
     c = cp // (block * block)
     x = x.view(b, block, block, c, h, w).permute(0, 3, 4, 1, 5, 2)  # b c h p1 w p2
     return x.reshape(b, c, h * block, w * block)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) decoder output → (B, H, W, 3) uint8, ``clamp(127.5 x + 128)`` truncated."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
 class _SignSTE(torch.autograd.Function):

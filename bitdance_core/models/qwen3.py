@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..device import to_device
-from ..families.text_to_image.config import LLMConfig
 from .attention import attention
 from .kv_cache import KVCache
+from .qwen3_config import LLMConfig
 
 
 class RMSNorm(nn.Module):

@@ -52,9 +52,19 @@ from pathlib import Path
 
 import torch
 
-from ..device import Placement, dtype_name  # noqa: F401 - Placement: re-exported for tests
+from ..device import Placement, dtype_name, resolve  # noqa: F401 - Placement: re-exported for tests
+from ..engine.engine import Engine
+from ..engine.engine_config import EngineConfig
+from ..engine.runner import graphs_enabled
+from ..engine.serving_config import ServingConfig
+from ..families import registry
+from ..families.class_conditional.family import ClassConditional, refuse_quantize, serving_for
+from ..families.class_conditional.random_checkpoint import CLASS_PRESETS
 from ..families.text_to_image.config import ModelConfig
-from ..serving_config import ServingConfig
+from ..families.text_to_image.loader import load_tokenizer
+from ..families.text_to_image.random_checkpoint import PRESETS, get_preset, model_config, write_tokenizer
+from ..loading.quantize import fake_build
+from ..models.autoencoder import BinaryAutoencoder
 from .fake_memory import FakeMode, LiveBytes, fake_cuda_ready
 
 logger = logging.getLogger(__name__)
@@ -158,20 +168,16 @@ def plan_device() -> torch.device:
 
 def fake_model(config, tokenizer, dtype: torch.dtype, build=None, device: torch.device | str = "cpu"):
     """A model of fake tensors (call inside a ``FakeTensorMode``), built by its family: see
-    :func:`bitdance_core.engine.family.fake_model`."""
-    from ..engine.family import fake_model as family_fake_model
-
+    :func:`bitdance_core.families.registry.fake_model`."""
     device = torch.device(device)
     if device.type == "cuda" and not fake_cuda_ready():
         raise RuntimeError("fake CUDA tensors are not available on this torch build")
-    return family_fake_model(config, dtype, device, tokenizer=tokenizer, build=build)
+    return registry.fake_model(config, dtype, device, tokenizer=tokenizer, build=build)
 
 
 def module_bytes(model) -> dict[str, int]:
     """Bytes of every parameter and buffer of each module, as built (quantised or not), named by the family."""
-    from ..engine.family import family_class
-
-    return family_class(model).model_bytes(model)
+    return registry.family_class(model).model_bytes(model)
 
 
 # ---- measuring the engine --------------------------------------------------------------------------
@@ -187,8 +193,6 @@ class Shapes:
 
 
 def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
-    from ..engine.engine import Engine
-
     probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1, cuda_graphs="off"),
                    serving)  # a shape probe: no graph set (a CPU build has no CUDA graph pool to make)
     return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
@@ -202,9 +206,6 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys). ``progress(line)`` hears one line per
     measured step. ``decode_cache`` (shared by the runs of one plan) keeps the decode's transient, which
     depends only on the decode batch ``min(N, decode_batch)``: measured once, then added to each run's base."""
-    from ..engine.engine import Engine
-    from ..engine.runner import graphs_enabled
-
     say = progress or (lambda line: None)
     shapes = engine_shapes(model, serving, engine_config)
     rows = n * shapes.rows_per_request
@@ -327,12 +328,10 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
                 progress=None):
     """Inside one fake mode: (weights by module, serving, size, shapes, N, peak_prefill, peak_step, graph_pool).
     ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peaks."""
-    from ..engine.family import default_serving
-
     device = torch.device(device) if device is not None else plan_device()
     with FakeMode():
         model = fake_model(config, tokenizer, dtype, build, device)
-        serving = serving or default_serving(model)
+        serving = serving or registry.default_serving(model)
         size = tuple(size or serving.default_size)
         by_module = module_bytes(model)
         weights = sum(by_module.values())
@@ -379,8 +378,6 @@ def plan(config, tokenizer, dtype: torch.dtype, gpu_memory_bytes: int, *,
     serving default size). With ``size`` the deployment allows that size only (``--sizes``). ``config``: a
     text-to-image ``ModelConfig`` (with its ``tokenizer``) or a class-conditional ``ClassModelConfig``.
     ``tokenizer_routes``: the AE encoder is loaded too (``--tokenizer-routes``), counted as ``ae_encoder``."""
-    from ..engine.engine import EngineConfig
-
     t0 = time.perf_counter()
     engine_config = engine_config or EngineConfig()
     if serving is None:
@@ -403,14 +400,10 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
     """What would fit one request, from the terms already measured (N = 1): a bigger device (exactly what one
     request needs), ``--quantize int8`` (its weights as that load keeps them: built, not measured again),
     a smaller ``--size``."""
-    from ..families.class_conditional.config import ClassModelConfig
-
     kv_req = p.kv_bytes_per_token_row * p.kv_tokens_per_row * 2
     rest = kv_req + max(p.peak_prefill_bytes, p.peak_step_bytes) + p.graph_pool_bytes + p.reserved_bytes
     out = []
-    if build is None and not isinstance(config, ClassModelConfig):
-        from ..loading.quantize import fake_build
-
+    if build is None and registry.family_of(config).quantizable:
         with FakeMode():
             w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
         if w8 + rest <= p.gpu_memory_bytes:
@@ -424,11 +417,7 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
 
 
 def _serving_for(config, size) -> ServingConfig:
-    from ..families.class_conditional.config import ClassModelConfig
-
-    if isinstance(config, ClassModelConfig):
-        from ..families.class_conditional.family import serving_for
-
+    if config.family == ClassConditional.name:
         serving = serving_for(config)
         if size is not None and tuple(size) != tuple(config.size):
             h, w = config.size
@@ -439,8 +428,6 @@ def _serving_for(config, size) -> ServingConfig:
 
 def encoder_bytes(config, dtype: torch.dtype) -> int:
     """The AE encoder's weight bytes (loaded only with the tokenizer routes), of either family's config."""
-    from ..models.autoencoder import BinaryAutoencoder
-
     ddconfig = config.vae_ddconfig if hasattr(config, "vae_ddconfig") else config.ae_ddconfig
     return BinaryAutoencoder.encoder_parameters(ddconfig) * torch.empty((), dtype=dtype).element_size()
 
@@ -498,14 +485,7 @@ def measure_warm_step(engine) -> dict:
 
 def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
     """A text-to-image preset (``checkpoints.PRESETS``) or a class-conditional one (``imagenet-b-4x``, ...)."""
-    from ..device import resolve
-    from ..families.class_conditional.random_checkpoint import CLASS_PRESETS
-    from ..families.text_to_image.loader import load_tokenizer
-    from ..families.text_to_image.random_checkpoint import PRESETS, get_preset, model_config, write_tokenizer
-
     if preset in CLASS_PRESETS and preset not in PRESETS:
-        from ..families.class_conditional.family import refuse_quantize
-
         if kw.get("build") is not None:
             refuse_quantize("int8")
         return plan(CLASS_PRESETS[preset].config(), None, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size,
@@ -522,8 +502,5 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
 
 
 def plan_dir(model_dir: str | Path, gpu_memory_bytes: int, dtype: str = "bfloat16", size=None, **kw) -> MemoryPlan:
-    from ..device import resolve
-    from ..families.text_to_image.loader import load_tokenizer
-
     config = ModelConfig.from_dir(model_dir)
     return plan(config, load_tokenizer(model_dir), resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
@@ -147,44 +146,41 @@ def _watch_parent() -> None:
     threading.Thread(target=watch, name="bitdance-parent-watch", daemon=True).start()
 
 
+def engine_for(model, engine_config, serving=None):
+    """An engine for a loaded model of any family. On CUDA without a configured ``kv_budget_bytes`` the memory plan
+    (``bitdance_core.planning``) sizes its KV cache; the engine keeps the plan (``engine.memory_plan``)."""
+    from ..engine.engine import Engine
+    from ..planning.memory_plan import plan_on_device
+
+    serving = serving or model.family_type.default_serving(model)
+    plan = None
+    if engine_config.kv_budget_bytes is None and model.placement.device.type == "cuda":
+        plan = plan_on_device(model, serving, engine_config)
+    return Engine(model, engine_config, serving, memory_plan=plan)
+
+
 def build_engine(config: WorkerConfig):
-    """Load the model and build a warmed-up engine (also used by benchmarks in-process)."""
+    """Load the model (its family's loader, by the checkpoint's layout) and build a warmed-up engine; on CUDA the KV
+    budget comes from the memory plan unless configured (also used by benchmarks in-process)."""
+    # imported here, not at the top: torch must not load before the CPU thread policy is applied
     from ..cpu_threads import apply_thread_policy
     from ..device import bind
-    from ..engine.engine import Engine
-    from ..families.text_to_image.loader import load_model
+    from ..families import registry
+    from ..image_tokenizer import attach_encoder
     from ..models import attention
-    from ..serving_config import ServingConfig
+    from ..planning.memory_plan import measure_warm_step
 
     if config.threads:  # a CPU worker: the CPU thread policy (its OMP_WAIT_POLICY came with its environment)
         apply_thread_policy(config.threads, getattr(config, "interop_threads", None), wait_policy=None)
     attention.set_backend(config.attention_backend)
     bind(config.device)  # before anything touches CUDA: streams, graphs and pinned memory belong to this device
-    from ..loading.diffusers_layout import CLASS_DIFFUSERS, CLASS_PT, checkpoint_layout
-
-    if checkpoint_layout(Path(config.model_dir)) in (CLASS_PT, CLASS_DIFFUSERS):  # BitDance_*.pt or a diffusers one
-        from ..families.class_conditional.family import refuse_quantize, serving_for
-        from ..families.class_conditional.loader import load_class_model
-
-        refuse_quantize(config.quantize)  # the family's answer
-        model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
-                                 model_args=config.model_args)
-        serving = serving_for(model)
-        if getattr(config, "tokenizer", False):  # before the engine: its memory plan sees the encoder
-            from ..image_tokenizer import attach_encoder
-
-            attach_encoder(model)
-    else:
-        model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize,
-                           with_encoder=bool(getattr(config, "tokenizer", False)))
-        sizes = [list(s) for s in config.sizes] if config.sizes else None
-        serving = ServingConfig.for_model(model.config, {"sizes": sizes})
-    engine = Engine(model, config.engine_config(), serving)
+    model, serving = registry.for_path(config.model_dir).load(config)
+    if getattr(config, "tokenizer", False):  # before the plan: it counts the encoder
+        attach_encoder(model)
+    engine = engine_for(model, config.engine_config(), serving)
     if config.warmup:
         engine.warmup()
         if engine.device.type == "cuda":
-            from ..planning.memory_plan import measure_warm_step
-
             measure_warm_step(engine)  # logs the plan's predicted peak step against the measured one
     return engine
 

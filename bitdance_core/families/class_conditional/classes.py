@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-from ...serving_config import InvalidRequest
+from ...engine.serving_config import InvalidRequest
 
 HOW = ("give class_label (an integer 0-999, or a list with one label per image), or a prompt that is exactly one "
        "ImageNet class name, e.g. \"golden retriever\" (GET /info lists them under class_names)")

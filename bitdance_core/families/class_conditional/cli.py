@@ -7,22 +7,17 @@ sampler draws its batch. Defaults (steps 100, the released file's guidance, line
 
 from __future__ import annotations
 
-import secrets
-import sys
-import time
-
-from ...serving_config import InvalidRequest
-from ..text_to_image.config import CheckpointError
+from ...cli_generate import CLIError, Generation
+from ...engine.serving_config import InvalidRequest
+from ...loading.io import CheckpointError
+from ...png_metadata import image_parameters
 from .classes import class_names, label_for_prompt
 from .config import DEFAULT_STEPS
+from .family import refuse_quantize
+from .pipeline import ClassConditionalPipeline
 
 
-def generate_class_conditional(args, CLIError, output_paths) -> int:
-    from tqdm import tqdm
-
-    from .family import refuse_quantize
-    from .pipeline import ClassConditionalPipeline
-
+def generation(args) -> Generation:
     if args.negative_prompt is not None:
         raise CLIError("--negative-prompt does not apply to a class-conditional model (its unconditional stream is "
                        "the null class)")
@@ -55,36 +50,20 @@ def generate_class_conditional(args, CLIError, output_paths) -> int:
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     guidance = args.guidance if args.guidance is not None else cfg.default_guidance
     schedule = args.cfg_schedule or "linear"
-    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    print(f"seed: {seed}", flush=True)
-    bar = None if args.no_progress else tqdm(desc="generating", unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(step: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.update(step - bar.n)
-
-    t0 = time.perf_counter()
-    try:
-        out = pipe(labels, seed=seed, steps=steps, guidance_scale=guidance, cfg_schedule=schedule, callback=progress)
-    except InvalidRequest as e:
-        raise CLIError(str(e)) from e
-    finally:
-        if bar is not None:
-            bar.close()
-    print(f"generation: {time.perf_counter() - t0:.3f} s", flush=True)
-
-    from ...cli import save_image
-    from ...png_metadata import image_parameters
+    def run(seed: int, progress):
+        try:
+            return pipe(labels, seed=seed, steps=steps, guidance_scale=guidance, cfg_schedule=schedule,
+                        callback=progress)
+        except InvalidRequest as e:
+            raise CLIError(str(e)) from e
 
     names = class_names() if cfg.num_classes == 1000 else None
-    paths = output_paths(args.output, len(labels))
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
-    for i, (img, path) in enumerate(zip(out.images, paths)):
-        params = image_parameters(  # the server's format (infotext + JSON), no local paths
-            prompt=names[labels[i]] if names else "", negative_prompt=None, seed=out.seed, steps=steps,
+
+    def parameters(i: int, seed: int) -> dict:
+        return image_parameters(  # the server's format (infotext + JSON), no local paths
+            prompt=names[labels[i]] if names else "", negative_prompt=None, seed=seed, steps=steps,
             guidance_scale=guidance, width=cfg.image_size, height=cfg.image_size, model=cfg.name, index=i,
             num_images=len(labels), class_label=labels[i], cfg_schedule=schedule)
-        save_image(img, path, params)
-        print(f"saved: {path}", flush=True)
-    return 0
+
+    return Generation(run, len(labels), parameters)

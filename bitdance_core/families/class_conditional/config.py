@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 # The official presets (``BitDance_{B,L,H}`` in imagenet_gen/src/model*.py): dim / layers / heads / head.
 PRESETS: dict[str, dict[str, int]] = {
@@ -38,6 +38,8 @@ def find_multiple(n: int, k: int) -> int:
 
 @dataclass(frozen=True)
 class ClassModelConfig:
+    family: ClassVar[str] = "class_conditional"  # its family in bitdance_core.families.registry
+
     name: str
     dim: int
     n_layer: int

@@ -10,15 +10,20 @@ step 0 (guidance exactly 1) samples every row independently, as the reference do
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ...engine.family import ModelFamily, Prepared
+from ...engine.protocol import GenerationRequest
+from ...engine.serving_config import InvalidRequest, Limits, ServingConfig
 from ...models.projector import unpatchify_tokens
-from ...serving_config import InvalidRequest, Limits, ServingConfig
 from .classes import class_names, label_for_prompt
 from .config import CFG_SCHEDULES, DEFAULT_STEPS, ClassModelConfig
-from .loader import LoadedClassModel
-from .pipeline import check_labels, guidance_at
+from .guidance import check_labels, guidance_at
+
+if TYPE_CHECKING:  # the loaded model names this class as its family (loader.py imports this module)
+    from .loader import LoadedClassModel
 
 NULL_KEY = ("class-conditional", "null")
 
@@ -38,24 +43,6 @@ def refuse_quantize(mode: str | None) -> None:
                          "models are served unquantised (use --quantize none)")
 
 
-def fake_class_model(config: ClassModelConfig, dtype: torch.dtype, device: torch.device, *, build=None):
-    """A ``LoadedClassModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``): the memory plan's."""
-    from ...device import Placement
-    from .loader import build_modules
-
-    if build is not None:
-        raise ValueError("class-conditional models are planned unquantised")
-    modules = build_modules(config)
-    with torch.device(device):
-        for m in modules:
-            state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
-                     for k, v in m.state_dict(keep_vars=True).items()}
-            m.load_state_dict(state, strict=True, assign=True)
-            m.eval().requires_grad_(False)
-    return LoadedClassModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
-                            path=f"<plan {config.name}>", weights="model", vae_path=None)
-
-
 def request_labels(req, num_classes: int) -> list[int]:
     """The request's labels: ``class_label`` (one per image), else the class its ``prompt`` names."""
     if req.class_label is not None:
@@ -73,7 +60,12 @@ def request_labels(req, num_classes: int) -> list[int]:
 
 class ClassConditional(ModelFamily):
     kind = "class-conditional"
+    name = "class_conditional"
     MODULES = ("transformer", "head", "ae")  # no AE encoder
+
+    @classmethod
+    def default_serving(cls, model: LoadedClassModel) -> ServingConfig:
+        return serving_for(model)
 
     def __init__(self, model: LoadedClassModel, serving: ServingConfig):
         cfg = model.config
@@ -126,8 +118,6 @@ class ClassConditional(ModelFamily):
         return unpatchify_tokens(tokens, h, w, self.patch_side)
 
     def example_request(self, request_id: str, height: int, width: int, **kw):
-        from ...engine.protocol import GenerationRequest
-
         label = kw.get("seed", 0) % self.config.num_classes  # a different class per seed
         return GenerationRequest(request_id, "", height, width, class_label=(label,), **kw)
 

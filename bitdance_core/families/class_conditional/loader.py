@@ -23,16 +23,19 @@ import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ...device import Placement, resolve
+from ...engine.serving_config import ServingConfig
 from ...loading import diffusers_layout as dl
+from ...loading.io import CheckpointError, fmt_keys, safetensors_files
 from ...models.autoencoder import BinaryAutoencoder
-from ..text_to_image.config import CheckpointError
 from .config import ClassModelConfig
+from .diffusers_config import class_config
+from .family import ClassConditional, refuse_quantize, serving_for
 from .heads import ClassHead
 from .resolve import resolve_config
 from .transformer import ClassTransformer
@@ -45,6 +48,8 @@ RELEASED_VAE = "ae_d16c32.pt"
 
 @dataclass
 class LoadedClassModel:
+    family: ClassVar[str] = ClassConditional.name  # its family in bitdance_core.families.registry
+    family_type: ClassVar[type[ClassConditional]] = ClassConditional  # what the engine builds to serve it
     config: ClassModelConfig
     placement: Placement
     transformer: ClassTransformer
@@ -54,6 +59,14 @@ class LoadedClassModel:
     weights: str  # "ema" or "model"
     vae_path: str | None  # None: the checkpoint's own vae.* tensors
     quantize: str = "none"  # served unquantised (the worker refuses --quantize for this family)
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The autoencoder's encoder tensors, read from the files the model came from (``attach_encoder``)."""
+        if self.vae_path is not None:
+            state = load_pickle(Path(self.vae_path))["state_dict"]
+            return {k: v for k, v in state.items() if k.startswith("encoder.")}
+        state = load_pickle(Path(self.path))[self.weights]
+        return {k[4:]: v for k, v in state.items() if k.startswith("vae.encoder.")}
 
 
 def load_pickle(path: Path) -> Any:
@@ -160,12 +173,10 @@ def _only(state: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Map
 
 def _diffusers_parts(folder: Path):
     """(state, which, args, autoencoder state or None, its label, its config's ddconfig) of a diffusers folder."""
-    from ..text_to_image.loader import _llm_files
-
-    args, ddconfig, which = dl.class_config(folder)
-    state = SafetensorsState(_llm_files(folder / "transformer", "diffusion_pytorch_model"))
+    args, ddconfig, which = class_config(folder)
+    state = SafetensorsState(safetensors_files(folder / "transformer", "diffusion_pytorch_model"))
     if (folder / "autoencoder").is_dir():
-        vae = SafetensorsState(_llm_files(folder / "autoencoder", "diffusion_pytorch_model"))
+        vae = SafetensorsState(safetensors_files(folder / "autoencoder", "diffusion_pytorch_model"))
         return state, which, args, vae, f"{folder.name}/autoencoder", ddconfig
     vae_keys = {k[4:]: p for k, p in state.files.items() if k.startswith("vae.")}
     if not vae_keys:
@@ -197,11 +208,6 @@ def _check_ddconfig(ddconfig: dict[str, Any] | None, resolved: dict[str, Any], w
                                   f"({resolved[k]!r})")
 
 
-def _fmt(keys, limit: int = 8) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f" … and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def adopt(module: nn.Module, state: Mapping[str, torch.Tensor], placement: Placement, what: str, *,
           prefix: str = "", allowed_extra: tuple[str, ...] = ()) -> None:
     """Fill a meta-built module from ``state`` (keys ``prefix + name``) strictly; ``allowed_extra`` key
@@ -212,8 +218,8 @@ def adopt(module: nn.Module, state: Mapping[str, torch.Tensor], placement: Place
     unexpected = {k for k in present - set(expected) if not k.startswith(allowed_extra)} if allowed_extra else \
         present - set(expected)
     if missing or unexpected:
-        parts = ([f"missing tensors: {_fmt(missing)}"] if missing else []) + \
-                ([f"unexpected tensors: {_fmt(unexpected)}"] if unexpected else [])
+        parts = ([f"missing tensors: {fmt_keys(missing, 8)}"] if missing else []) + \
+                ([f"unexpected tensors: {fmt_keys(unexpected, 8)}"] if unexpected else [])
         raise CheckpointError(f"{what}: " + "; ".join(parts))
     for k, shape in expected.items():
         if _shape(state, k) != tuple(shape):
@@ -280,3 +286,27 @@ def load_class_model(path: str | Path, device: str | None = None, dtype: str | N
     logger.info("architecture sources: %s", config.sources)
     return LoadedClassModel(config, placement, transformer, head, ae, str(path), which,
                             str(vae_path) if vae_path else None)
+
+
+def fake_model(config: ClassModelConfig, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A ``LoadedClassModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``): the memory plan's."""
+    if build is not None:
+        raise ValueError("class-conditional models are planned unquantised")
+    modules = build_modules(config)
+    with torch.device(device):
+        for m in modules:
+            state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                     for k, v in m.state_dict(keep_vars=True).items()}
+            m.load_state_dict(state, strict=True, assign=True)
+            m.eval().requires_grad_(False)
+    return LoadedClassModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
+                            path=f"<plan {config.name}>", weights="model", vae_path=None)
+
+
+def load_for_worker(config) -> tuple[LoadedClassModel, ServingConfig]:
+    """The model worker's load (a ``WorkerConfig``): unquantised (any other ``--quantize`` is refused), its
+    ``--vae`` / ``--model-args``, served at its one size."""
+    refuse_quantize(config.quantize)  # the family's answer
+    model = load_class_model(config.model_dir, config.device, config.dtype, vae=config.vae,
+                             model_args=config.model_args)
+    return model, serving_for(model)

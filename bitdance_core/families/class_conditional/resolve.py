@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..text_to_image.config import CheckpointError
+from ...loading.io import CheckpointError
 from .config import FILE_NAME, PARALLEL_MODES, PRESETS, RELEASED_GUIDANCE, ClassModelConfig
 
 ARCH = ("dim", "n_layer", "n_head", "diff_layers", "diff_dim", "diff_adanln_layers")

@@ -11,17 +11,32 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-AE_DDCONFIG_KEYS = {"ch", "out_ch", "in_channels", "num_res_blocks", "z_channels", "ch_mult", "resolution", "double_z"}
+from ...loading.diffusers_layout import (
+    AE_DDCONFIG_KEYS,
+    CLASS_DIFFUSERS,
+    MODEL_INDEX,
+    T2I_COMPONENTS,
+    T2I_PIPELINE,
+    check_keys,
+    check_model_index,
+    checkpoint_layout,
+    public,
+    read_json,
+)
+from ...loading.io import CheckpointError
+from ...models.qwen3_config import LLMConfig
+
+HEAD_REQUIRED = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln")
+PROJECTOR_ACT = "gelu_pytorch_tanh"  # models/projector.py: gelu with the tanh approximation
+# official-layout file names in the shared ModelConfig checks -> their diffusers-layout names
+_RENAMES = (("vision_head_config.json", "diffusion_head/config.json"), ("ae_config.json", "autoencoder/config.json"),
+            ("config.json hidden_size", "text_encoder/config.json hidden_size"))
 HEAD_KEYS = {
     "ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln", "grad_checkpointing", "time_shift",
     "time_schedule", "P_mean", "P_std", "parallel_num", "diff_batch_mul", "use_swiglu",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match the official layout."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -34,49 +49,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LLMConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> LLMConfig:
-        if d.get("model_type", "qwen3") != "qwen3":
-            raise CheckpointError(f"{source}: model_type {d.get('model_type')!r} is not 'qwen3'")
-        if d.get("rope_scaling") not in (None, {}):
-            raise CheckpointError(f"{source}: rope_scaling={d['rope_scaling']!r} is not supported (BitDance uses none)")
-        if d.get("use_sliding_window"):
-            raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
-        try:
-            heads = int(d["num_attention_heads"])
-            return cls(
-                hidden_size=int(d["hidden_size"]),
-                intermediate_size=int(d["intermediate_size"]),
-                num_layers=int(d["num_hidden_layers"]),
-                num_heads=heads,
-                num_kv_heads=int(d.get("num_key_value_heads", heads)),
-                head_dim=int(d.get("head_dim") or d["hidden_size"] // heads),
-                vocab_size=int(d["vocab_size"]),
-                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(d.get("rope_theta", 1_000_000.0)),
-                max_position_embeddings=int(d.get("max_position_embeddings", 40960)),
-                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            )
-        except KeyError as e:
-            raise CheckpointError(f"{source}: missing key {e.args[0]!r}") from e
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """Everything the model needs to know about a checkpoint, validated."""
+
+    family: ClassVar[str] = "text_to_image"  # its family in bitdance_core.families.registry
 
     llm: LLMConfig
     ae_ddconfig: dict[str, Any]
@@ -136,8 +112,6 @@ class ModelConfig:
         if not p.is_dir():
             raise CheckpointError(f"checkpoint directory {p} does not exist")
         if (p / "model_index.json").is_file() or (p / "transformer").is_dir():  # diffusers (diffusers_layout.py)
-            from ...loading.diffusers_layout import t2i_config
-
             return t2i_config(p)
         llm = LLMConfig.from_hf_dict(_read_json(p / "config.json"))
         ae = _read_json(p / "ae_config.json")
@@ -157,3 +131,60 @@ class ModelConfig:
             name=p.resolve().name,
             model_dir=str(p.resolve()),
         )
+
+
+# ---- the diffusers layout (``loading/diffusers_layout.py`` says which layout a directory has) ----------------
+
+def _check_sizes(sizes: Any) -> None:
+    ok = isinstance(sizes, list) and all(isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x > 0
+                                                                                       for x in s) for s in sizes)
+    if not ok:
+        raise CheckpointError(f"{MODEL_INDEX}: supported_image_sizes must be a list of [height, width], "
+                              f"found {sizes!r}")
+
+
+def t2i_config(d: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` of a text-to-image diffusers directory, checked key by key."""
+    d = Path(d)
+    if checkpoint_layout(d) == CLASS_DIFFUSERS:
+        raise CheckpointError(f"{d} holds a class-conditional model (a BitDance-ImageNet-diffusers folder), not a "
+                              "text-to-image checkpoint: serve it with `bitdance serve --model`")
+    index = check_model_index(d, T2I_PIPELINE, T2I_COMPONENTS, extra=("supported_image_sizes",))
+    if "supported_image_sizes" in index:  # the pipeline's own list: the server's size policy governs instead
+        _check_sizes(index["supported_image_sizes"])
+    te = read_json(d / "text_encoder" / "config.json")
+    arch = te.get("architectures")
+    if arch is not None and arch != ["Qwen3ForCausalLM"]:
+        raise CheckpointError(f"text_encoder/config.json: architectures {arch!r} is not ['Qwen3ForCausalLM']")
+    llm = LLMConfig.from_hf_dict(te, source="text_encoder/config.json")
+
+    ae = public(read_json(d / "autoencoder" / "config.json"))
+    check_keys(ae, "autoencoder/config.json", ("ddconfig", "gan_decoder"), required=("ddconfig",))
+    if not isinstance(ae["ddconfig"], dict):
+        raise CheckpointError("autoencoder/config.json: ddconfig must be an object")
+    check_keys(ae["ddconfig"], "autoencoder/config.json ddconfig", AE_DDCONFIG_KEYS)
+    if not isinstance(ae.get("gan_decoder", False), bool):
+        raise CheckpointError(f"autoencoder/config.json: gan_decoder must be true or false, "
+                              f"found {ae['gan_decoder']!r}")
+
+    head = public(read_json(d / "diffusion_head" / "config.json"))
+    check_keys(head, "diffusion_head/config.json", HEAD_KEYS, required=HEAD_REQUIRED)
+
+    proj = public(read_json(d / "projector" / "config.json"))
+    check_keys(proj, "projector/config.json", ("in_dim", "out_dim", "hidden_act"), required=("in_dim", "out_dim"))
+    z = ae["ddconfig"].get("z_channels")
+    if proj["in_dim"] != z:
+        raise CheckpointError(f"projector/config.json: in_dim={proj['in_dim']} != autoencoder z_channels={z}")
+    if proj["out_dim"] != llm.hidden_size:
+        raise CheckpointError(f"projector/config.json: out_dim={proj['out_dim']} != text_encoder/config.json "
+                              f"hidden_size={llm.hidden_size}")
+    if proj.get("hidden_act", PROJECTOR_ACT) != PROJECTOR_ACT:
+        raise CheckpointError(f"projector/config.json: hidden_act {proj['hidden_act']!r} is not {PROJECTOR_ACT!r}")
+    try:
+        return ModelConfig(llm=llm, ae_ddconfig=dict(ae["ddconfig"]), gan_decoder=bool(ae.get("gan_decoder", False)),
+                           head=head, name=d.resolve().name, model_dir=str(d.resolve()))
+    except CheckpointError as e:  # the shared cross-checks name the official files: name this layout's
+        msg = str(e)
+        for old, new in _RENAMES:
+            msg = msg.replace(old, new)
+        raise CheckpointError(msg) from e

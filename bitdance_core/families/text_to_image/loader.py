@@ -7,33 +7,40 @@ missing or unexpected key, wrong shape) is an error naming the file and the keys
 ever half-loaded. ``lm_head`` and the autoencoder's encoder are not read unless asked for.
 ``quantize`` (``bitdance_core.loading.quantize``) converts the prior's linear weights (with int8 also its token
 embedding table) one by one as they are read; a pre-quantised directory (``bitdance quantize``,
-``bitdance_core.loading.quantized_checkpoint``) is recognised and loaded as stored.
+``bitdance_core.families.text_to_image.quantized_checkpoint``) is recognised and loaded as stored.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from ...device import Placement, resolve
+from ...engine.serving_config import ServingConfig
+from ...loading import quantize as q
+from ...loading.io import CheckpointError, file_keys, fmt_keys, safetensors_files
 from ...models.autoencoder import BinaryAutoencoder
 from ...models.diffusion_head import DiffusionHead
 from ...models.projector import Projector
 from ...models.qwen3 import Qwen3Model
-from .config import CheckpointError, ModelConfig
+from . import quantized_checkpoint as qc
+from .config import ModelConfig
+from .family import TextToImage
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadedModel:
+    family: ClassVar[str] = TextToImage.name  # its family in bitdance_core.families.registry
+    family_type: ClassVar[type[TextToImage]] = TextToImage  # what the engine builds to serve it
     config: ModelConfig
     placement: Placement
     llm: Qwen3Model
@@ -43,29 +50,11 @@ class LoadedModel:
     tokenizer: object
     quantize: str = "none"  # the prior's linear weights: none | int8 | fp8 (bitdance_core.loading.quantize.MODES)
 
-
-def _fmt(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" … and {len(keys) - limit} more" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def _llm_files(model_dir: Path, stem: str = "model") -> dict[str, Path]:
-    """Map each tensor name to the file holding it: ``<stem>.safetensors``, or sharded with
-    ``<stem>.safetensors.index.json`` (the LLM's ``model``, a diffusers component's ``diffusion_pytorch_model``)."""
-    index = model_dir / f"{stem}.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = {k: model_dir / v for k, v in weight_map.items()}
-        missing = sorted({p.name for p in files.values() if not p.is_file()})
-        if missing:
-            raise CheckpointError(f"{model_dir.name}/{index.name} names shard files that are missing: {missing}")
-        return files
-    single = model_dir / f"{stem}.safetensors"
-    if not single.is_file():
-        raise CheckpointError(f"{model_dir}: neither {single.name} nor {index.name} exists")
-    with safe_open(str(single), "pt") as f:
-        return {k: single for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The autoencoder's encoder tensors from ``ae.safetensors`` (``image_tokenizer.attach_encoder``)."""
+        path = Path(self.config.model_dir) / "ae.safetensors"
+        with safe_open(str(path), "pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith("encoder.")}  # noqa: SIM118 - safe_open
 
 
 @dataclass(frozen=True)
@@ -87,27 +76,20 @@ def sources(model_dir: str | Path) -> Sources:
     d = Path(model_dir)
     layout = dl.checkpoint_layout(d)
     if layout == dl.DIFFUSERS:
-        parts = {c: _llm_files(d / c, "diffusion_pytorch_model")
+        parts = {c: safetensors_files(d / c, "diffusion_pytorch_model")
                  for c in ("diffusion_head", "projector", "autoencoder")}
         return Sources(layout, d / "text_encoder", d / "tokenizer", parts["diffusion_head"], parts["projector"],
                        parts["autoencoder"])
     if layout != dl.OFFICIAL:
         raise CheckpointError(f"{d} holds a class-conditional model ({layout}), not a text-to-image checkpoint")
-    return Sources(layout, d, d, _file_keys(d / "vision_head.safetensors"), _file_keys(d / "projector.safetensors"),
-                   _file_keys(d / "ae.safetensors"))
+    return Sources(layout, d, d, file_keys(d / "vision_head.safetensors"), file_keys(d / "projector.safetensors"),
+                   file_keys(d / "ae.safetensors"))
 
 
 def _label(path: Path) -> str:
     """A weights file as errors name it (with its component folder in the diffusers layout)."""
     diffusers = path.name.startswith("diffusion_pytorch_model") or path.parent.name == "text_encoder"
     return f"{path.parent.name}/{path.name}" if diffusers else path.name
-
-
-def _file_keys(path: Path) -> dict[str, Path]:
-    if not path.is_file():
-        raise CheckpointError(f"missing file {path.name} in checkpoint directory {path.parent}")
-    with safe_open(str(path), "pt") as f:
-        return {k: path for k in f.keys()}  # noqa: SIM118
 
 
 def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement, *, prefix: str = "",
@@ -128,9 +110,9 @@ def load_into(module: nn.Module, sources: dict[str, Path], placement: Placement,
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_fmt(missing)}")
+            parts.append(f"missing keys: {fmt_keys(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_fmt(unexpected)}")
+            parts.append(f"unexpected keys: {fmt_keys(unexpected)}")
         raise CheckpointError(f"{what or files}: " + "; ".join(parts))
     by_file: dict[Path, list[str]] = {}
     for k in expected:
@@ -190,16 +172,13 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     ``quantize`` (none | int8 | fp8, default none) quantises the prior's linear weights while loading; a
     pre-quantised directory loads as stored (``quantize`` must then be none or its own mode).
     """
-    from ...loading import quantize as q
-    from ...loading import quantized_checkpoint as qc
-
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     src = sources(model_dir)
     placement = resolve(device, dtype)
     mode = q.check_mode(quantize)
-    llm_files = _llm_files(src.llm_dir)
-    stored = qc.check_llm_files(src.llm_dir, llm_files)
+    llm_files = safetensors_files(src.llm_dir)
+    stored = qc.checksafetensors_files(src.llm_dir, llm_files)
     if stored != "none" and mode not in ("none", stored):
         raise CheckpointError(f"{model_dir} is pre-quantised ({stored}); it cannot be loaded with quantize={mode}")
     mode = stored if stored != "none" else mode
@@ -225,3 +204,31 @@ def load_model(model_dir: str | Path, device: str | None = None, dtype: str | No
     logger.info("loaded %s: %.1fM parameters on %s (%s, quantize %s: %.1f MiB kept)", config.name, n_params / 1e6,
                 placement.device, placement.dtype, mode, q.module_bytes(llm, head, projector, ae) / 2**20)
     return LoadedModel(config, placement, llm, head, projector, ae, tokenizer, mode)
+
+
+def fake_model(config, dtype: torch.dtype, device: torch.device, *, tokenizer=None, build=None):
+    """A text-to-image ``LoadedModel`` of fake tensors on ``device`` (call inside a ``FakeTensorMode``), as
+    ``load_model`` builds it: modules on ``meta``, then every state-dict entry adopted as a fake tensor of
+    ``dtype``. ``build(modules, dtype)`` may fill them instead (``loading.quantize.fake_build``: as quantised)."""
+    with torch.device(device):
+        modules = build_modules(config, with_encoder=False)
+        if build is not None:
+            modules = build(modules, dtype)
+        else:
+            for m in modules:
+                state = {k: torch.empty(v.shape, dtype=dtype if v.is_floating_point() else v.dtype)
+                         for k, v in m.state_dict(keep_vars=True).items()}
+                m.load_state_dict(state, strict=True, assign=True)
+    for m in modules:
+        m.eval().requires_grad_(False)
+    return LoadedModel(config, Placement(torch.device(device), dtype, "memory plan (fake tensors)"), *modules,
+                       tokenizer)
+
+
+def load_for_worker(config) -> tuple[LoadedModel, ServingConfig]:
+    """The model worker's load (a ``WorkerConfig``): quantised as asked, the AE encoder with the tokenizer routes,
+    served at the deployment's sizes (``--sizes``) or the checkpoint's."""
+    model = load_model(config.model_dir, config.device, config.dtype, quantize=config.quantize,
+                       with_encoder=bool(getattr(config, "tokenizer", False)))
+    sizes = [list(s) for s in config.sizes] if config.sizes else None
+    return model, ServingConfig.for_model(model.config, {"sizes": sizes})

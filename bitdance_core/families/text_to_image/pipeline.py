@@ -22,11 +22,11 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ...engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ...models.autoencoder import to_uint8
 from ...models.kv_cache import KVCache
 from ...models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from ...resolutions import POS_TABLE_ROWS, SizePolicy, policy_for
@@ -42,11 +42,6 @@ class PipelineOutput:
     images: list[Image.Image]
     tokens: torch.Tensor  # (num_images, N, C) int8 of ±1, generation (patch-major) order
     seed: int
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) decoder output → (B, H, W, 3) uint8, ``clamp(127.5 x + 128)`` truncated."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
 class BitDancePipeline:

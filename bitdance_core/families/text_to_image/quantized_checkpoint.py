@@ -32,9 +32,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..device import Placement, resolve
-from ..families.text_to_image.config import CheckpointError, ModelConfig
-from . import quantize as q
+from ...device import Placement, resolve
+from ...loading import quantize as q
+from ...loading.io import CheckpointError, fmt_keys, safetensors_files
+from .config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def stored_embedding(model_dir: str | Path) -> bool:
     return version >= 2
 
 
-def check_llm_files(model_dir: str | Path, files: dict[str, Path]) -> str:
+def checksafetensors_files(model_dir: str | Path, files: dict[str, Path]) -> str:
     """The directory's stored mode, after checking that every LLM file's header agrees with it."""
     mode = stored_mode(model_dir)
     for path in sorted(set(files.values())):
@@ -104,8 +105,6 @@ def load_prequantized(llm: torch.nn.Module, sources: dict[str, Path], placement:
     (``embedding``: the directory stores the int8 embedding table quantised, ``stored_embedding``)."""
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-    from ..families.text_to_image.loader import _fmt
-
     q.torchao()
     weights = {"model." + k: v for k, v in llm.state_dict(keep_vars=True).items()}
     expected: dict[str, tuple[str, str | None, tuple[int, ...]]] = {}  # file key -> (weight key, data name, shape)
@@ -120,8 +119,8 @@ def load_prequantized(llm: torch.nn.Module, sources: dict[str, Path], placement:
     missing, unexpected = set(expected) - present, present - set(expected)
     files = sorted({p.name for p in sources.values()})
     if missing or unexpected:
-        parts = [f"missing keys: {_fmt(missing)}"] if missing else []
-        parts += [f"unexpected keys: {_fmt(unexpected)}"] if unexpected else []
+        parts = [f"missing keys: {fmt_keys(missing)}"] if missing else []
+        parts += [f"unexpected keys: {fmt_keys(unexpected)}"] if unexpected else []
         raise CheckpointError(f"{files} (pre-quantised {mode}): " + "; ".join(parts))
     by_file: dict[Path, list[str]] = {}
     for k in expected:
@@ -167,15 +166,13 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, mode: str, devic
     """
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-    from ..families.text_to_image.loader import _llm_files
-
     src, out = Path(model_dir), Path(out_dir)
     mode = q.check_mode(mode)
     if mode == "none":
         raise q.QuantizeError("bitdance quantize needs --quantize int8 or fp8")
     ModelConfig.from_dir(src)  # a valid official directory
-    files = _llm_files(src)
-    if check_llm_files(src, files) != "none":
+    files = safetensors_files(src)
+    if checksafetensors_files(src, files) != "none":
         raise CheckpointError(f"{src} is already pre-quantised ({stored_mode(src)})")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"output directory {out} exists and is not empty")

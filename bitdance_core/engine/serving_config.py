@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from .resolutions import SizePolicy, policy_for
+from ..resolutions import SizePolicy, policy_for
+from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 class InvalidRequest(ValueError):
