@@ -29,6 +29,7 @@ run: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 # what the tests need beyond pip: Debian chromium + its driver (the browser tests), installed when root can
 test-deps:

@@ -42,6 +42,26 @@ class KVCache:
         n = self.lengths[slot]
         return self.k[:, slot, :n].clone(), self.v[:, slot, :n].clone()
 
+    def write_read(self, layer: int, k: torch.Tensor, v: torch.Tensor, plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """One attention layer's cache traffic: write the forward's new keys and values ``(R, n, kv_heads,
+        head_dim)`` of ``layer`` at ``plan.write_pos`` of their rows, and return what attention reads,
+        ``(R, plan.key_len, kv_heads, head_dim)`` each. The rows are ``plan.slots`` (a prefill: any slots,
+        gathered), or the contiguous ``plan.slot_range`` (the block step: views, no gather; ``plan.row_index`` the
+        rows of the range that write, default all). ``plan`` is a ``models.qwen3.AttnPlan``."""
+        ck, cv = self.k[layer], self.v[layer]  # (rows, max_len, kv_heads, head_dim)
+        if plan.slot_range is not None:
+            s0, s1 = plan.slot_range
+            ck, cv = ck[s0:s1], cv[s0:s1]
+            r = k.shape[0]
+            rows = plan.row_index[:r] if plan.row_index is not None else torch.arange(r, device=k.device)[:, None]
+            ck[rows, plan.write_pos] = k
+            cv[rows, plan.write_pos] = v
+            return ck[:, : plan.key_len], cv[:, : plan.key_len]
+        rows = plan.slots[:, None]
+        ck[rows, plan.write_pos] = k
+        cv[rows, plan.write_pos] = v
+        return ck[:, : plan.key_len][plan.slots], cv[:, : plan.key_len][plan.slots]
+
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ...models.autoencoder import BinaryAutoencoder
-from ..text_to_image.random_checkpoint import _random_tensor
+from ...models.random_init import random_tensor
 from .config import PRESETS, RELEASED_DDCONFIG, ClassModelConfig
 from .heads import ClassHead
 from .transformer import ClassTransformer
@@ -90,7 +90,7 @@ def random_state(p: ClassPreset, seed: int) -> tuple[dict[str, torch.Tensor], di
     vae: dict[str, torch.Tensor] = {}
     for prefix, module, out in (("", transformer, state), ("head.", head, state), ("", ae, vae)):
         for k, v in module.state_dict(keep_vars=True).items():
-            out[prefix + k] = _random_tensor(k, tuple(v.shape), False, gen, torch.float32, cpu)
+            out[prefix + k] = random_tensor(k, tuple(v.shape), False, gen, torch.float32, cpu)
     state.update({f"vae.{k}": v for k, v in vae.items()})
     return state, vae
 
@@ -122,7 +122,7 @@ def build_random_class_model(preset: str, device: str | None = None, dtype: str 
     gen = torch.Generator(device=placement.device).manual_seed(seed)
     modules = build_modules(cfg)
     for m in modules:
-        state = {k: _random_tensor(k, tuple(v.shape), False, gen, placement.dtype, placement.device)
+        state = {k: random_tensor(k, tuple(v.shape), False, gen, placement.dtype, placement.device)
                  for k, v in m.state_dict(keep_vars=True).items()}
         m.load_state_dict(state, strict=True, assign=True)
         m.eval().requires_grad_(False)

@@ -62,20 +62,7 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).view(r, n, 3, self.heads, self.head_dim).unbind(2)
         q, k = rotate_pairs(q, plan.cos, plan.sin), rotate_pairs(k, plan.cos, plan.sin)
         if plan.cache is not None:
-            ck, cv = plan.cache.k[layer], plan.cache.v[layer]  # (rows, max_len, H, D)
-            if plan.slot_range is not None:
-                s0, s1 = plan.slot_range
-                ck, cv = ck[s0:s1], cv[s0:s1]
-                rows = plan.row_index[:r] if plan.row_index is not None else \
-                    torch.arange(r, device=x.device)[:, None]
-            else:
-                rows = plan.slots[:, None]
-            ck[rows, plan.write_pos] = k
-            cv[rows, plan.write_pos] = v
-            if plan.slot_range is not None:
-                k, v = ck[:, : plan.key_len], cv[:, : plan.key_len]
-            else:
-                k, v = ck[:, : plan.key_len][plan.slots], cv[:, : plan.key_len][plan.slots]
+            k, v = plan.cache.write_read(layer, k, v, plan)
         out = attention(q, k, v, causal=plan.causal, mask=plan.mask)
         return self.wo(out.reshape(r, n, d))
 

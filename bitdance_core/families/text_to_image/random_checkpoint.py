@@ -40,12 +40,11 @@ import torch
 from torch import nn
 
 from ...device import Placement, resolve
+from ...models.random_init import random_tensor
 from .config import LLMConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-LLM_STD = 0.02
-BIAS_STD = 0.02
 DEFAULT_SHARD_BYTES = 5 * 2**30
 MAX_RES = 256  # <|res_1|> .. <|res_256|>: every latent side the position table covers
 
@@ -204,31 +203,13 @@ def model_config(preset: Preset, tokenizer_len: int, name: str | None = None) ->
 # ---- random tensors -------------------------------------------------------------------------------------------
 
 
-def _std(key: str, shape: tuple[int, ...], llm: bool) -> float | None:
-    """None: fill with ones (norm scales); else the normal std for this tensor."""
-    if len(shape) == 1:
-        return None if key.endswith("weight") else BIAS_STD
-    if llm:
-        return LLM_STD
-    return 1.0 / math.sqrt(math.prod(shape[1:]))
-
-
-def _random_tensor(key: str, shape: tuple[int, ...], llm: bool, gen: torch.Generator, dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-    std = _std(key, shape, llm)
-    if std is None:
-        return torch.ones(shape, dtype=dtype, device=device)
-    t = torch.empty(shape, dtype=dtype, device=device)
-    return t.normal_(0.0, std, generator=gen)
-
-
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
 
 
 def _fill(module: nn.Module, llm: bool, gen: torch.Generator, placement: Placement) -> None:
     """Replace every (meta) parameter with a random tensor on the placement, one tensor at a time."""
-    state = {k: _random_tensor(k, s, llm, gen, placement.dtype, placement.device)
+    state = {k: random_tensor(k, s, llm, gen, placement.dtype, placement.device)
              for k, s in _shapes(module).items()}
     module.load_state_dict(state, strict=True, assign=True)
     module.eval().requires_grad_(False)
@@ -278,7 +259,7 @@ def _shard_plan(shapes: dict[str, tuple[int, ...]], itemsize: int, max_bytes: in
 def _tensors(shapes: dict[str, tuple[int, ...]], keys: list[str], llm: bool, gen: torch.Generator,
              dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     for k in keys:
-        yield k, _random_tensor(k, shapes[k], llm, gen, dtype, torch.device("cpu"))
+        yield k, random_tensor(k, shapes[k], llm, gen, dtype, torch.device("cpu"))
 
 
 def write_checkpoint(preset: str | Preset, out_dir: str | Path, seed: int = 0, dtype: str | None = None, *,
