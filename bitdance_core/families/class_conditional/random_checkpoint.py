@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from ...device import resolve
 from ...models.autoencoder import BinaryAutoencoder
 from ...models.random_init import random_tensor
 from .config import PRESETS, RELEASED_DDCONFIG, ClassModelConfig
 from .heads import ClassHead
+from .loader import LoadedClassModel, build_modules
 from .transformer import ClassTransformer
 
 logger = logging.getLogger(__name__)
@@ -113,9 +115,6 @@ def write_class_checkpoint(preset: str, out_dir: str | Path, seed: int = 0) -> P
 def build_random_class_model(preset: str, device: str | None = None, dtype: str | None = None, seed: int = 0):
     """A ``LoadedClassModel`` with random weights built in memory (no file; the autoencoder without its encoder,
     as the loader keeps it), for benchmarks at the released shapes. Same distribution as the written files."""
-    from ...device import resolve
-    from .loader import LoadedClassModel, build_modules
-
     p = CLASS_PRESETS[preset]
     cfg = p.config()
     placement = resolve(device, dtype)

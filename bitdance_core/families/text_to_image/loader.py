@@ -24,6 +24,7 @@ from torch import nn
 
 from ...device import Placement, resolve
 from ...engine.serving_config import ServingConfig
+from ...loading import diffusers_layout as dl
 from ...loading import quantize as q
 from ...loading.io import CheckpointError, file_keys, fmt_keys, safetensors_files
 from ...models.autoencoder import BinaryAutoencoder
@@ -71,8 +72,6 @@ class Sources:
 
 def sources(model_dir: str | Path) -> Sources:
     """The files of a text-to-image checkpoint directory, by ``diffusers_layout.checkpoint_layout``."""
-    from ...loading import diffusers_layout as dl
-
     d = Path(model_dir)
     layout = dl.checkpoint_layout(d)
     if layout == dl.DIFFUSERS:

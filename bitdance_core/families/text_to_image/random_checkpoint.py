@@ -42,6 +42,7 @@ from torch import nn
 from ...device import Placement, resolve
 from ...models.random_init import random_tensor
 from .config import LLMConfig, ModelConfig
+from .loader import LoadedModel, build_modules, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -222,8 +223,6 @@ def build_random_model(preset: str | Preset, device: str | None = None, dtype: s
     The tokenizer is built offline in a temporary directory (loaded into memory, then deleted). Only what
     text-to-image uses is built (no ``lm_head``, no AE encoder), as ``load_model`` does.
     """
-    from .loader import LoadedModel, build_modules, load_tokenizer
-
     p = get_preset(preset) if isinstance(preset, str) else preset
     placement = resolve(device, dtype)
     with tempfile.TemporaryDirectory(prefix="bitdance-tok-") as tmp:
@@ -270,8 +269,6 @@ def write_checkpoint(preset: str | Preset, out_dir: str | Path, seed: int = 0, d
     The LLM is sharded (``model-0000i-of-0000n.safetensors`` + index) when larger than ``max_shard_bytes``.
     """
     from safetensors.torch import save_file
-
-    from .loader import build_modules
 
     p = get_preset(preset) if isinstance(preset, str) else preset
     out = Path(out_dir)
