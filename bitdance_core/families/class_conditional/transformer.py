@@ -126,13 +126,8 @@ class ClassTransformer(nn.Module):
         self.pos_for_diff = nn.Embedding(cfg.num_tokens, cfg.dim)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.norm.weight.device
+    dtype = Qwen3Model.dtype  # the final norm's (both priors end in one)
+    device = Qwen3Model.device
 
     def forward(self, embeds: torch.Tensor, plan: AttnPlan) -> torch.Tensor:
         x = self.emb_norm(embeds.to(self.dtype))
