@@ -244,7 +244,7 @@ def linear_weight_bytes(out_features: int, in_features: int, mode: str, dtype_by
 
 
 def converter(mode: str, placement: Placement):
-    """The per-tensor conversion ``weights.load_into`` applies while loading the prior (None for ``none``)."""
+    """The per-tensor conversion the text-to-image ``loader.load_into`` applies to the prior (None for ``none``)."""
     if mode == "none":
         return None
     torchao()
