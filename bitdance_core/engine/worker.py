@@ -179,7 +179,7 @@ def build_engine(config: WorkerConfig):
                            with_encoder=bool(getattr(config, "tokenizer", False)))
         sizes = [list(s) for s in config.sizes] if config.sizes else None
         serving = ServingConfig.for_model(model.config, {"sizes": sizes})
-    engine = Engine(model, config.engine_config(), serving)
+    engine = Engine(model, config.engine, serving)
     if config.warmup:
         engine.warmup()
         if engine.device.type == "cuda":
