@@ -19,7 +19,6 @@ import torch
 from cuda_standins import DeviceCheck, fake_cuda
 
 from bitdance_core.checkpoints import write_checkpoint
-from bitdance_core.engine.engine_config import EngineConfig
 from bitdance_core.engine.protocol import EventKind, GenerationRequest, WorkerConfig
 from bitdance_core.engine.worker import build_engine
 from bitdance_core.imagenet import family as class_family
@@ -68,6 +67,8 @@ def test_worker_on_cuda(checkpoints, family, device):
     t0 = time.process_time()
     dev = torch.device(device)
     sizes = ((64, 64), (64, 128)) if family == "text-to-image" else None
+    from bitdance_core.engine.engine_config import EngineConfig
+
     config = WorkerConfig(model_dir=checkpoints[family], device=device, dtype="bfloat16", sizes=sizes,
                           engine=EngineConfig(cuda_graphs="on", max_batch_requests=4, preview_every=0),
                           worker_index=dev.index)
