@@ -4,6 +4,7 @@ gets, and the generated docs (deploy/env.example, README). Torch-free."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bitdance_core.engine.engine_config import DEFAULTS, EngineConfig, Knob, knobs
+from bitdance_core.engine.protocol import WorkerConfig
 from server import cli, knob_docs
 from server.settings import Settings
 
@@ -69,6 +71,12 @@ def test_each_knob_from_env_and_flag_reaches_the_worker(k: Knob, monkeypatch: py
     assert from_flag == EngineConfig(**{k.field: value}), "a flag set another knob too"
     if k.ge is not None:  # the declared bound is enforced at the settings
         assert cli.serve_main(["--devices", "cpu", k.flag, str(k.ge - 1)]) == 2
+
+
+def test_the_worker_config_carries_the_engine_config_whole():
+    names = {f.name for f in dataclasses.fields(WorkerConfig)}
+    assert not names & {k.field for k in KNOBS}, "a knob forwarded by hand next to WorkerConfig.engine"
+    assert WorkerConfig("m").engine == DEFAULTS
 
 
 def test_no_knob_is_declared_twice():
