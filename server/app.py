@@ -27,6 +27,7 @@ from server.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from server.openapi_text import install_openapi
 from server.routes import generate, health, jobs, openai, web
 from server.settings import Settings
+from server.waits import install as install_waits
 from server.worker_pool import WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.started_at = time.time()
     app.state.jobs = JobStore(settings.job_ttl_s, settings.job_max_results, settings.job_max_bytes)
     install_error_handlers(app)
+    install_waits(app)  # ClientGone (a client gone before its answer) -> 499
     for module in (generate, jobs, openai, health, web):
         app.include_router(module.router)
     if settings.tokenizer_enabled():  # POST /v1/tokenize, /v1/detokenize

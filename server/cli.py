@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "ImageNet BitDance_*.pt file (--model). Every flag is also a BITDANCE_<NAME> variable.",
     )
     for name, field in Settings.model_fields.items():
-        env = f"BITDANCE_{name.upper()}"
+        env = Settings.model_config["env_prefix"] + name.upper()
         default = field.get_default(call_default_factory=True)
         shown = ",".join(default) if isinstance(default, list) else default
         help_text = f"{field.description or ''} [env {env}; default {shown}]".replace("%", "%%")

@@ -3,7 +3,9 @@
 This is the only place on the API side that reads the environment. ``bitdance serve`` flags are
 generated from these fields (:mod:`server.cli`), so ``--max-queue 8`` and ``BITDANCE_MAX_QUEUE=8``
 are the same knob; a flag wins over the environment. List-valued settings take comma-separated
-strings (``BITDANCE_DEVICES=cuda:0,cuda:1``).
+strings (``BITDANCE_DEVICES=cuda:0,cuda:1``). The engine's knobs are not declared here: their fields are
+generated from :class:`~bitdance_core.engine.engine_config.EngineConfig` (name, type, default, bounds, help), and
+``worker_configs`` hands them back to the worker as one ``EngineConfig``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import shutil
 import subprocess
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bitdance_core.cpu_threads import thread_env, usable_cpus
-from bitdance_core.engine.engine_config import DEFAULTS as ENGINE
+from bitdance_core.engine.engine_config import ENV_PREFIX, from_settings, knobs
 from bitdance_core.engine.protocol import WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -34,10 +36,10 @@ def _split_commas(value: Any) -> Any:
     return value
 
 
-class Settings(BaseSettings):
-    """Settings of ``bitdance serve``. Every field is also a ``BITDANCE_<NAME>`` variable and a flag."""
+class _WorkerSettings(BaseSettings):
+    """The model and worker fields of :class:`Settings` (declared first: the flags keep this order)."""
 
-    model_config = SettingsConfigDict(env_prefix="BITDANCE_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
 
     # --- model and workers -------------------------------------------------------------------
     model: str | None = Field(
@@ -69,36 +71,28 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "sdpa", "xformers"] = Field(
         "auto", description="Attention kernels in the worker."
     )
-    # engine knobs: the defaults are EngineConfig's (bitdance_core/engine/engine_config.py), never repeated here
-    kv_budget_bytes: int | None = Field(
-        ENGINE.kv_budget_bytes,
-        ge=1,
-        description="KV-cache budget per worker in bytes; default: the memory plan on CUDA (see `bitdance plan`), "
-        "1 GiB on CPU.",
-    )
-    max_batch_requests: int = Field(
-        ENGINE.max_batch_requests, ge=1, description="Most requests batched in one engine step."
-    )
-    max_queue: int = Field(
-        ENGINE.max_waiting,
-        ge=0,
-        description="Requests allowed to wait per worker beyond the running batch; more in flight -> 429.",
-    )
-    preview_every: int | None = Field(
-        ENGINE.preview_every,
-        ge=0,
-        description="Default AR steps between streamed previews (0 = none); default: about 8 per image.",
-    )
-    cuda_graphs: Literal["auto", "on", "off"] = Field(
-        ENGINE.cuda_graphs,  # type: ignore[arg-type]
-        description="CUDA graphs for the head's sampler loop and the prior step: auto (on for CUDA), on, off.",
-    )
-    max_cuda_graphs: int = Field(
-        ENGINE.max_cuda_graphs,
-        ge=0,
-        description="CUDA graphs captured while serving, beyond those of the warm-up (default step count, every "
-        "batch bucket): least recently used first out; 0 = other keys run without a graph.",
-    )
+
+
+def _engine_fields() -> dict[str, Any]:
+    """One settings field per engine knob, as ``EngineConfig`` declares it (name, type, default, bounds, help)."""
+    out: dict[str, Any] = {}
+    for k in knobs():
+        annotation = k.type
+        if k.choices:  # str -> Literal[...] (so --help and argparse show and check them)
+            annotation = Literal[k.choices]  # type: ignore[valid-type]
+        out[k.setting] = (annotation, Field(k.default, ge=k.ge, description=k.help))
+    return out
+
+
+# the engine knobs follow the model and worker fields (flag and env.example order); their declaration is
+# EngineConfig's (bitdance_core/engine/engine_config.py), never repeated here
+_EngineSettings = create_model("_EngineSettings", __base__=_WorkerSettings, **_engine_fields())
+
+
+class Settings(_EngineSettings):  # type: ignore[misc,valid-type]
+    """Settings of ``bitdance serve``. Every field is also a ``BITDANCE_<NAME>`` variable and a flag; the
+    engine's knobs come from :class:`~bitdance_core.engine.engine_config.EngineConfig`."""
+
     sizes: Annotated[list[str], NoDecode] | None = Field(
         None,
         description="Allowed sizes as 'WxH', comma-separated; default: the checkpoint's size policy.",
@@ -261,6 +255,7 @@ class Settings(BaseSettings):
         devices = self.resolved_devices()
         n_cpu = sum(1 for d in devices if d == "cpu")
         threads = self.threads or (max(1, usable_cpus() // n_cpu) if n_cpu else None)  # bitdance_core.cpu_threads
+        engine = from_settings(self)
         return [
             WorkerConfig(
                 model_dir=self.resolved_model_dir(),
@@ -270,12 +265,7 @@ class Settings(BaseSettings):
                 dtype=self.dtype,
                 quantize=self.quantize,
                 attention_backend=self.attention_backend,
-                max_batch_requests=self.max_batch_requests,
-                max_waiting=self.max_queue,
-                kv_budget_bytes=self.kv_budget_bytes,
-                preview_every=self.preview_every,
-                cuda_graphs=self.cuda_graphs,
-                max_cuda_graphs=self.max_cuda_graphs,
+                engine=engine,
                 sizes=self.sizes_hw(),
                 warmup=self.warmup,
                 worker_index=i,

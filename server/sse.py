@@ -1,21 +1,18 @@
-"""Server-sent events framing and the two ways a route waits on a request.
+"""Server-sent events: framing, and a route's stream of one request (plain waits: :mod:`server.waits`).
 
 Frames are ``event: <name>\\ndata: <one-line JSON>\\n\\n``; a ``: ping`` comment goes out after
 ``heartbeat_s`` of silence so proxies keep the connection. A stream always ends with exactly one
 terminal frame (``completed`` or ``error``, or the OpenAI equivalents) because the mailbox hands
 out the terminal event last and exactly once. If the client goes away first (the ASGI server
-cancels the streaming task, or the disconnect watcher fires for plain responses), the request is
-cancelled in the worker.
+cancels the streaming task), the request is cancelled in the worker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Protocol
 
-from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from bitdance_core.engine.protocol import ErrorCode
@@ -38,10 +35,6 @@ Renderer = Callable[[Event], Iterable[bytes]]
 
 def frame(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-class ClientGone(Exception):
-    """The client disconnected while a plain (non-streaming) response was pending."""
 
 
 async def first_event(st: RequestState, timeout: float = FIRST_EVENT_WAIT_S) -> Event | None:
@@ -128,29 +121,3 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._on_close()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def wait_result(request: Request, st: RequestState, pool: WorkerPool) -> Event:
-    """The terminal event of ``st``; cancels it in the worker if the client disconnects first."""
-    result = asyncio.ensure_future(st.result())
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        pool.cancel(st, ErrorCode.CANCELLED.value, "request handler cancelled")
-        raise
-    finally:
-        for task in (result, gone):
-            if not task.done():
-                task.cancel()
-    if result in done:
-        return result.result()
-    pool.cancel(st, ErrorCode.CANCELLED.value, "client disconnected")
-    raise ClientGone

@@ -1,7 +1,8 @@
 """A torch-free stand-in for ``bitdance_core.worker.worker:worker_main`` (same signature).
 
 It speaks the real protocol (``bitdance_core.engine.protocol``) with a toy engine: step-level
-continuous batching of up to ``max_batch_requests`` requests, a bounded waiting queue, ``T =
+continuous batching of up to ``max_batch_requests`` requests, a bounded waiting queue (both read from
+``config.engine``, the same ``EngineConfig`` the real worker gets), ``T =
 (h/16)*(w/16)/4`` AR steps per image, previews every ``preview_every`` steps. Images are encoded
 with PIL: previews are noise PNGs (large on purpose, to exercise flow control), final images are
 solid colours and the final PNG carries a ``parameters`` text chunk. Used by the server tests
@@ -89,7 +90,7 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
     step_s = float(os.environ.get("FAKE_WORKER_STEP_S", "0.01"))
     time.sleep(float(os.environ.get("FAKE_WORKER_LOAD_S", "0.05")))
     sizes = [[h, w] for h, w in config.sizes] if config.sizes else SIZES
-    preview_default = config.preview_every if config.preview_every is not None else 1
+    preview_default = config.engine.preview_every if config.engine.preview_every is not None else 1
     info = {
         "model": "fake-tiny",
         "model_dir": config.model_dir,
@@ -103,8 +104,8 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
         "dtype": "float32",
         "attention_backend": "none",
         "preview_every": preview_default,
-        "max_batch_requests": config.max_batch_requests,
-        "max_waiting": config.max_waiting,
+        "max_batch_requests": config.engine.max_batch_requests,
+        "max_waiting": config.engine.max_waiting,
     }
     outbox.put(WorkerReady(config.worker_index, info))
 
@@ -138,7 +139,7 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
                 fail(req.request_id, ErrorCode.SHUTTING_DOWN, "worker is shutting down")
             elif too_long := _too_many_tokens(req):  # the real worker's check and message (words as tokens)
                 fail(req.request_id, ErrorCode.INVALID, too_long[1], field=too_long[0])
-            elif len(waiting) >= config.max_waiting:
+            elif len(waiting) >= config.engine.max_waiting:
                 fail(req.request_id, ErrorCode.QUEUE_FULL, "waiting queue is full")
             else:
                 total = (req.height // DOWNSAMPLE) * (req.width // DOWNSAMPLE) // PARALLEL_NUM
@@ -177,7 +178,7 @@ def worker_main(config: WorkerConfig, inbox: Any, outbox: Any) -> None:
             outbox.put(Heartbeat(config.worker_index, bool(waiting or running), len(waiting) + len(running), used,
                                  counts["cancelled"], counts["freed_rows"]))  # fmt: skip
         # 2) admit
-        while waiting and len(running) < config.max_batch_requests:
+        while waiting and len(running) < config.engine.max_batch_requests:
             job = waiting.popleft()
             job.started = time.monotonic()
             if job.req.prompt == "__crash__":

@@ -220,9 +220,9 @@ def test_the_cuda_graphs_setting_has_one_owner(monkeypatch):
     assert not runner_mod.graphs_enabled("off", cuda)
     monkeypatch.setenv("BITDANCE_CUDA_GRAPHS", "off")
     monkeypatch.setenv("BITDANCE_MAX_CUDA_GRAPHS", "3")
-    cfg = cli.parse_settings([]).worker_configs()[0].engine_config()
+    cfg = cli.parse_settings([]).worker_configs()[0].engine
     assert cfg.cuda_graphs == "off" and cfg.max_cuda_graphs == 3
-    cfg = cli.parse_settings(["--cuda-graphs", "on", "--max-cuda-graphs", "0"]).worker_configs()[0].engine_config()
+    cfg = cli.parse_settings(["--cuda-graphs", "on", "--max-cuda-graphs", "0"]).worker_configs()[0].engine
     assert cfg.cuda_graphs == "on" and cfg.max_cuda_graphs == 0
 
 

@@ -56,7 +56,7 @@ def test_settings_env_flags_and_precedence(monkeypatch: pytest.MonkeyPatch) -> N
     assert s.cors_origins == ["http://a.test", "http://b.test"]
     assert s.api_key is not None and s.api_key.get_secret_value() == "sekrit" and "sekrit" not in repr(s)
     configs = s.worker_configs()
-    assert [c.worker_index for c in configs] == [0, 1] and configs[0].max_waiting == 9
+    assert [c.worker_index for c in configs] == [0, 1] and configs[0].engine.max_waiting == 9
     assert configs[0].sizes == ((64, 64), (64, 128)) and configs[0].warmup is False
 
 

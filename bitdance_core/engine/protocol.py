@@ -25,12 +25,13 @@ Every accepted request ends with exactly one ``completed`` or ``failed`` event.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULTS, EngineConfig
+from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, EngineConfig
 
-PROTOCOL_VERSION = 3  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version; 3: Tokenize
+PROTOCOL_VERSION = 4  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version; 3: Tokenize;
+# 4: WorkerConfig carries an EngineConfig (every engine knob) instead of six forwarded fields
 
 
 class EventKind(str, enum.Enum):
@@ -191,13 +192,7 @@ class WorkerConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     dtype: str | None = None  # None = policy (float32 on CPU, bfloat16 on CUDA)
     attention_backend: str = "auto"  # auto | sdpa | xformers
-    # the engine's knobs: defaults owned by EngineConfig (engine_config.py)
-    max_batch_requests: int = DEFAULTS.max_batch_requests
-    max_waiting: int = DEFAULTS.max_waiting
-    kv_budget_bytes: int | None = DEFAULTS.kv_budget_bytes
-    preview_every: int | None = DEFAULTS.preview_every
-    cuda_graphs: str = DEFAULTS.cuda_graphs
-    max_cuda_graphs: int = DEFAULTS.max_cuda_graphs
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's knobs, as declared there
     sizes: tuple[tuple[int, int], ...] | None = None  # (height, width) allowed; None = checkpoint policy
     warmup: bool = True
     worker_index: int = 0
@@ -208,7 +203,3 @@ class WorkerConfig:
     ae_config: str | None = None  # a lone autoencoder file (tokenizer-only): its JSON config
     protocol_version: int = PROTOCOL_VERSION  # the API process's; the worker refuses to start on a mismatch
 
-    def engine_config(self) -> EngineConfig:
-        return replace(DEFAULTS, max_batch_requests=self.max_batch_requests, max_waiting=self.max_waiting,
-                       kv_budget_bytes=self.kv_budget_bytes, preview_every=self.preview_every,
-                       cuda_graphs=self.cuda_graphs, max_cuda_graphs=self.max_cuda_graphs)

@@ -45,7 +45,7 @@ from ..device import to_device
 from ..models.kv_cache import KVCache
 from ..sampling import RowGuidance, Schedule, make_schedule, sample_rows
 from .cuda_graphs import GraphSet
-from .engine_config import CUDA_GRAPHS, DEFAULTS
+from .engine_config import CUDA_GRAPHS
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ class StepBuffers:
 
 
 class Runner:
-    def __init__(self, family, cache: KVCache, cuda_graphs: str = "auto", prefix_cache_entries: int = 32,
-                 max_cuda_graphs: int = DEFAULTS.max_cuda_graphs):
+    def __init__(self, family, cache: KVCache, cuda_graphs: str, prefix_cache_entries: int,
+                 max_cuda_graphs: int):  # EngineConfig's knobs (their one declaration)
         self.family, self.cache = family, cache
         f, dev, R = family, family.device, cache.rows
         self.device, self.P, self.C = dev, f.parallel_num, f.z_channels

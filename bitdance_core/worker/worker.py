@@ -177,7 +177,7 @@ def build_engine(config: WorkerConfig):
     model, serving = registry.for_path(config.model_dir).load(config)
     if getattr(config, "tokenizer", False):  # before the plan: it counts the encoder
         attach_encoder(model)
-    engine = engine_for(model, config.engine_config(), serving)
+    engine = engine_for(model, config.engine, serving)
     if config.warmup:
         engine.warmup()
         if engine.device.type == "cuda":

@@ -3,7 +3,7 @@
 ``POST /sdapi/v1/txt2img``, ``GET /sdapi/v1/progress``, ``POST /sdapi/v1/interrupt``, ``GET /sdapi/v1/sd-models``,
 ``GET``/``POST /sdapi/v1/options``, in A1111's response shapes. A txt2img call is one job of the job store
 (``submit_job`` of ``/generate``: queue refusals are HTTP errors, the job is readable at ``/v1/jobs/{id}``),
-awaited like a ``/generate`` call (``wait_result``: a client that goes away cancels it) and interrupted through
+awaited like a ``/generate`` call (``waits.completed``: a client that goes away cancels it) and interrupted through
 the pool's cancel path. Progress reports the oldest unfinished txt2img call (A1111 runs one at a time): the
 engine's patch counter, an ETA from the time per patch so far, the newest engine preview. Errors keep this
 server's JSON error shape (422 naming the field). Text-to-image models only. Field mapping:
@@ -29,7 +29,7 @@ from server.jobs import Job
 from server.openapi_text import COMMON_ERRORS
 from server.params import b64, build_request, preview_every_for
 from server.routes.generate import model_info, submit_job
-from server.sse import ClientGone, wait_result
+from server.waits import completed
 
 router = APIRouter(prefix="/sdapi/v1", tags=["automatic1111"])
 INVALID = ErrorCode.INVALID.value
@@ -106,12 +106,7 @@ async def txt2img(body: Txt2ImgBody, request: Request) -> Response:
     req = dataclasses.replace(req, preview_every=preview_every_for(info, req.height, req.width, PREVIEWS))
     job = await submit_job(request, req, "a1111")
     tracker(request).jobs.append(job)
-    try:
-        kind, data = await wait_result(request, job.st, request.app.state.pool)
-    except ClientGone:
-        return Response(status_code=499)
-    if kind == "failed":  # an interrupt is a cancel with its own message (499 cancelled)
-        raise APIError.from_failed(data)
+    data = await completed(request, job.st, request.app.state.pool)  # an interrupt: a failed cancel (499)
     n, seed = len(data["images"]), int(data["seed"])
     texts = [infotext(image_parameters(prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
                                        steps=req.steps, guidance_scale=req.guidance_scale, width=req.width,

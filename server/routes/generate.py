@@ -20,7 +20,8 @@ from server.jobs import Job
 from server.openapi_text import GENERATE_DOC
 from server.params import build_request, completed_body
 from server.schemas import GenerateBody, GenerationParams
-from server.sse import ClientGone, first_event, job_response, wait_result
+from server.sse import job_response
+from server.waits import completed, first_or_refuse
 
 router = APIRouter()
 
@@ -85,10 +86,11 @@ async def submit_job(request: Request, req: GenerationRequest, kind: str) -> Job
     st = request.app.state.pool.submit(req)
     jobs = request.app.state.jobs
     job = jobs.add(st, kind)  # before the first await: it sees every event
-    first = await first_event(st)
-    if first is not None and first[0] == "failed":
+    try:
+        await first_or_refuse(st)
+    except APIError:
         jobs.discard(job.id)
-        raise APIError.from_failed(first[1])
+        raise
     return job
 
 
@@ -128,12 +130,7 @@ async def generate(body: GenerateBody, request: Request) -> Response:
     st = await submit(request, req)
     req = st.request  # with an Idempotency-Key: the first request's
     headers = {"X-Request-ID": req.request_id}
-    try:
-        kind, data = await wait_result(request, st, pool)
-    except ClientGone:
-        return Response(status_code=499)
-    if kind == "failed":
-        raise APIError.from_failed(data)
+    data = await completed(request, st, pool)
     body_out = completed_body(data, time.monotonic() - st.created, req.return_tokens)
     if mode in IMAGE_TYPES.values():
         image = data["images"][0]

@@ -26,7 +26,8 @@ from server.openapi_text import MODEL_DOC, MODELS_DOC, OPENAI_DOC
 from server.params import ar_steps, b64, build_request, parse_size, preview_every_for
 from server.routes.generate import model_info
 from server.schemas import OpenAIImageBody
-from server.sse import ClientGone, Event, first_event, frame, sse_response, wait_result
+from server.sse import Event, frame, sse_response
+from server.waits import completed, first_or_refuse
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1")
@@ -133,9 +134,7 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
     headers = {"X-Request-ID": req.request_id, "X-Seed": str(req.seed)}
 
     if body.stream:
-        first = await first_event(st)
-        if first is not None and first[0] == "failed":
-            raise APIError.from_failed(first[1])
+        first = await first_or_refuse(st)
         sent = 0
 
         def render(event: Event) -> Iterable[bytes]:
@@ -170,12 +169,7 @@ async def images_generations(body: OpenAIImageBody, request: Request) -> Respons
 
         return sse_response(st, pool, render, request.app.state.settings.stream_heartbeat_s, first, headers)
 
-    try:
-        kind, data = await wait_result(request, st, pool)
-    except ClientGone:
-        return Response(status_code=499)
-    if kind == "failed":
-        raise APIError.from_failed(data)
+    data = await completed(request, st, pool)
     return JSONResponse(
         {
             "created": int(time.time()),
