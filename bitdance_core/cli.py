@@ -29,7 +29,7 @@ import logging
 import sys
 
 from .cli_generate import CLIError, output_paths, run_generation
-from .engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .families.text_to_image.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DELEGATES = {
     "serve": ("server.cli", "serve_main", "run the HTTP server (see `bitdance serve --help`)"),

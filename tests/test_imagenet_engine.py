@@ -197,3 +197,12 @@ def test_info(model):
     assert info["defaults"]["steps"] == 100 and info["defaults"]["cfg_schedule"] == "linear"
     assert info["size"] == [256, 256] and info["sizes"] == [[256, 256]]
     assert info["class_names"][207] == "golden retriever"
+
+
+def test_a_request_without_steps_or_guidance_gets_the_served_defaults(model):
+    """In-process callers get what HTTP gets: the class family's 100 steps, not the text-to-image 50."""
+    engine = Engine(model, EngineConfig())
+    ev = engine.add_request(GenerationRequest("d", "", 256, 256, seed=1, class_label=(1,)))
+    st = engine.requests[ev.request_id]
+    assert engine.serving.default_steps == 100
+    assert (st.req.steps, st.req.guidance_scale) == (100, engine.serving.default_guidance)

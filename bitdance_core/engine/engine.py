@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -115,8 +116,17 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------
 
+    def with_defaults(self, req: GenerationRequest) -> GenerationRequest:
+        """The request with the served model's step and guidance defaults where it left them ``None``."""
+        if req.steps is not None and req.guidance_scale is not None:
+            return req
+        return replace(req, steps=self.serving.default_steps if req.steps is None else req.steps,
+                       guidance_scale=self.serving.default_guidance if req.guidance_scale is None
+                       else req.guidance_scale)
+
     def add_request(self, req: GenerationRequest) -> EngineEvent:
         """Validate and queue; raises ``InvalidRequest`` (with ``code`` and ``field``) when refused."""
+        req = self.with_defaults(req)
         if req.request_id in self.requests:
             raise InvalidRequest(f"duplicate request id {req.request_id}", field="request_id")
         self.serving.limits.check(req)

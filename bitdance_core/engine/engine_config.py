@@ -16,8 +16,6 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-DEFAULT_STEPS = 50  # text-to-image request default: diffusion sampling steps per AR step (see ServingConfig)
-DEFAULT_GUIDANCE = 7.5  # text-to-image request default: classifier-free guidance (<= 1 disables it)
 CUDA_GRAPHS = ("auto", "on", "off")
 PREVIEW_METHODS = ("auto", "full", "linear")
 ENV_PREFIX = "BITDANCE_"

@@ -53,14 +53,15 @@ class EngineLoop:
     def handle(self, msg) -> None:
         engine = self.engine
         if isinstance(msg, Submit):
-            rid = msg.request.request_id
+            req = engine.with_defaults(msg.request)  # the worker's image metadata names the steps used
+            rid = req.request_id
             if self.draining:
                 self.emit(failed(rid, ErrorCode.SHUTTING_DOWN, "the worker is shutting down"))
                 return
             if self.on_submit is not None:
-                self.on_submit(msg.request)
+                self.on_submit(req)
             try:
-                self.emit(engine.add_request(msg.request))
+                self.emit(engine.add_request(req))
             except InvalidRequest as e:
                 self.emit(failed(rid, e.code, str(e), e.field))
         elif isinstance(msg, Cancel):

@@ -28,7 +28,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS, EngineConfig
+from .engine_config import EngineConfig
 
 PROTOCOL_VERSION = 4  # 2: Heartbeat, out_of_memory, WorkerReady/WorkerConfig carry the version; 3: Tokenize;
 # 4: WorkerConfig carries an EngineConfig (every engine knob) instead of six forwarded fields
@@ -65,8 +65,8 @@ class GenerationRequest:
     height: int
     width: int
     seed: int
-    steps: int = DEFAULT_STEPS  # diffusion sampling steps per AR step
-    guidance_scale: float = DEFAULT_GUIDANCE  # <= 1 disables classifier-free guidance
+    steps: int | None = None  # diffusion sampling steps per AR step; None: the served model's default
+    guidance_scale: float | None = None  # <= 1 disables classifier-free guidance; None: the served default
     num_images: int = 1
     negative_prompt: str | None = None  # replaces the unconditional prompt when given
     class_label: tuple[int, ...] | None = None  # class-conditional models: one label per image (prompt = names)

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from ..resolutions import SizePolicy, policy_for
-from .engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 class InvalidRequest(ValueError):
@@ -62,8 +61,8 @@ class Limits:
 @dataclass(frozen=True)
 class ServingConfig:
     default_size: tuple[int, int]
-    default_steps: int = DEFAULT_STEPS
-    default_guidance: float = DEFAULT_GUIDANCE
+    default_steps: int  # the family's (its config's ``default_steps``) unless serving_config.json says otherwise
+    default_guidance: float
     sizes: tuple[tuple[int, int], ...] | None = None  # None: the model's policy
     max_side_px: int = 512  # cap for grid policies (non-released checkpoints)
     limits: Limits = field(default_factory=Limits)
@@ -98,4 +97,4 @@ class ServingConfig:
         if unknown:
             raise ValueError(f"serving_config.json: unknown keys {sorted(unknown)}")
         return cls(default_size=default, sizes=sizes, max_side_px=max_side, limits=limits,
-                   **{k: data[k] for k in known if k in data})
+                   **{k: data.get(k, getattr(model_config, k)) for k in known})

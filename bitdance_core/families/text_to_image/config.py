@@ -28,6 +28,9 @@ from ...loading.diffusers_layout import (
 from ...loading.io import CheckpointError
 from ...models.qwen3_config import LLMConfig
 
+DEFAULT_STEPS = 50  # request default of a checkpoint without serving_config.json: diffusion steps per AR step
+DEFAULT_GUIDANCE = 7.5  # and its classifier-free guidance (<= 1 disables it); the released models' values
+
 HEAD_REQUIRED = ("ch_target", "ch_cond", "ch_latent", "depth_latent", "depth_adanln")
 PROJECTOR_ACT = "gelu_pytorch_tanh"  # models/projector.py: gelu with the tanh approximation
 # official-layout file names in the shared ModelConfig checks -> their diffusers-layout names
@@ -53,6 +56,8 @@ class ModelConfig:
     """Everything the model needs to know about a checkpoint, validated."""
 
     family: ClassVar[str] = "text_to_image"  # its family in bitdance_core.families.registry
+    default_steps: ClassVar[int] = DEFAULT_STEPS  # ServingConfig.for_model starts from these
+    default_guidance: ClassVar[float] = DEFAULT_GUIDANCE
 
     llm: LLMConfig
     ae_ddconfig: dict[str, Any]

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from ...engine.engine_config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ...models.autoencoder import to_uint8
 from ...models.kv_cache import KVCache
 from ...models.projector import pos2d_table, sincos_1d, unpatchify_tokens
 from ...resolutions import POS_TABLE_ROWS, SizePolicy, policy_for
 from ...sampling import binarize, euler_maruyama, schedule
+from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .loader import LoadedModel, load_model
 from .prompts import PromptEncoder
 
