@@ -114,6 +114,50 @@ def test_fast_forward_measures_what_every_step_measures(tiny):
     assert fast == full
 
 
+def _deep(cfg, layers=5):
+    from dataclasses import replace
+
+    return replace(cfg, llm=replace(cfg.llm, num_layers=layers))
+
+
+def test_shallow_model_measures_what_the_full_depth_measures(tiny):
+    """The plan runs a model of PLAN_LAYERS prior layers and counts what grows with depth at the planned depth
+    (the exported prefixes of the prefix cache; weights and KV are not in the peaks): its peaks equal a run of
+    the full depth (a 5-layer model, two admission steps, the graph pool on)."""
+    cfg, tok, _ = tiny
+    deep = _deep(cfg)
+    serving = ServingConfig.for_model(cfg, {"sizes": [[128, 128]], "default_size": [128, 128]})  # 16 AR steps
+    ecfg = EngineConfig(max_prefill_rows=4)  # 3 requests of 2 rows: admitted over two steps
+    with FakeMode():
+        dev = mp.plan_device()
+        full_model = mp.fake_model(deep, tok, torch.bfloat16, device=dev)
+        shallow = mp.fake_model(mp.shallow_config(deep), tok, torch.bfloat16, device=dev)
+        assert shallow.llm.kv_layout()[0] == mp.PLAN_LAYERS < 5
+        for m in (full_model, shallow):  # the modules' lazily made tables (512 bytes) made once
+            mp.measure_peaks(m, serving, ecfg, (128, 128), 1)
+        full = mp.measure_peaks(full_model, serving, ecfg, (128, 128), 3)
+        fast = mp.measure_peaks(shallow, serving, ecfg, (128, 128), 3, layers=5)
+        unscaled = mp.measure_peaks(shallow, serving, ecfg, (128, 128), 3)
+        assert mp.engine_shapes(shallow, serving, ecfg, 5) == mp.engine_shapes(full_model, serving, ecfg)
+    assert full["graph_pool"] > 0 and full["prefill"] > 0
+    assert fast == full
+    assert unscaled["ar_step"] < full["ar_step"], (unscaled, full)  # the prefix cache held in the step: at 5 layers
+
+
+def test_fast_plan_equals_the_full_depth_plan(tiny, monkeypatch):
+    """A whole plan (weights, KV, peaks, the solve) on the shallow model equals the plan measured at full depth,
+    for both families."""
+    cfg, tok, _ = tiny
+    deep = _deep(cfg)
+    gpu = 2**30
+    kw = dict(size=(128, 128), reserved_bytes=gpu - 12 * 2**20)
+    fast = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
+    monkeypatch.setattr(mp, "PLAN_LAYERS", 5)
+    full = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
+    assert fast.max_concurrent_requests >= 2 and fast.fits
+    assert fast.as_json() == full.as_json()
+
+
 def test_fake_peaks_equal_real_peaks(tiny):
     """The same accounting on real CPU tensors (a real model of the same shapes) gives the same bytes:
     fake tensors change nothing but the data, so the plan is what the real step holds."""
