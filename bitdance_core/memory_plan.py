@@ -27,8 +27,9 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
   each (two prefill rows per request, a full prefix cache): every admission step, the AR step with
   the longest keys (a step's peak grows with its key length, so the steps before it cannot exceed it),
   then the batched decode of one decode batch.
-* The measured model has ``PLAN_LAYERS`` prior layers (:func:`shallow_config`): the layers are identical and
-  a layer's transient is freed before the next one runs, so the step's peak does not grow with depth; what
+* The measured model has ``PLAN_LAYERS`` prior layers and a head of at most 2 x 2 blocks
+  (:func:`shallow_config`): the layers (blocks) are identical and a layer's transient is freed before the
+  next one runs, so the step's peak does not grow with depth; what
   does (the KV cache, the weights) is counted at full depth: the weights from the full fake model, the KV
   analytically, and the exported prefixes of the prefix cache (every layer's K/V of a prefix) are counted
   as full-depth bytes while they are made (``LiveBytes.scaled``). ``tests/test_memory_plan.py`` checks that
@@ -202,17 +203,29 @@ def prior_layers(config) -> int:
     return config.n_layer if isinstance(config, ClassModelConfig) else config.llm.num_layers
 
 
+def _shallow_head(depth: int, adaln: int) -> tuple[int, int]:
+    """(blocks, adaLN projections) of a head that runs every case of the full head's loop: a block that makes a
+    new modulation while the last is alive (a later group) and one that reuses it (a later block of its group).
+    A valid head has ``depth // k`` == ``adaln`` groups of ``k = depth // adaln`` blocks each."""
+    k = max(1, depth // adaln)
+    groups = min(adaln, 2)
+    return groups * min(k, 2), groups
+
+
 def shallow_config(config, layers: int | None = None):
-    """The same model with at most ``layers`` (default ``PLAN_LAYERS``) prior layers: what the plan runs (see the
-    module docstring)."""
+    """The same model with at most ``layers`` (default ``PLAN_LAYERS``) prior layers and a head of at most two
+    adaLN groups of two blocks: what the plan runs (see the module docstring)."""
     from .imagenet.config import ClassModelConfig
 
-    layers = layers or PLAN_LAYERS
-    if prior_layers(config) <= layers:
-        return config
+    layers = min(layers or PLAN_LAYERS, prior_layers(config))
     if isinstance(config, ClassModelConfig):
-        return replace(config, n_layer=layers)
-    return replace(config, llm=replace(config.llm, num_layers=layers))
+        depth, adaln = _shallow_head(config.diff_layers, config.diff_adanln_layers)
+        out = replace(config, n_layer=layers, diff_layers=depth, diff_adanln_layers=adaln)
+    else:
+        depth, adaln = _shallow_head(config.head["depth_latent"], config.head["depth_adanln"])
+        out = replace(config, llm=replace(config.llm, num_layers=layers),
+                      head={**config.head, "depth_latent": depth, "depth_adanln": adaln})
+    return config if out == config else out
 
 
 def engine_shapes(model, serving: ServingConfig, engine_config, layers: int | None = None) -> Shapes:
@@ -313,6 +326,7 @@ def _fast_forward(engine, to_step: int) -> None:
     data is never read): only the lengths that shape the next step move. Planning only."""
     P = engine.P
     starts = getattr(getattr(engine, "runner", None), "buf", None)
+    slots, moved = [], []
     for st in engine.requests.values():
         k = to_step - st.step
         if k <= 0 or not st.slots:
@@ -320,8 +334,11 @@ def _fast_forward(engine, to_step: int) -> None:
         st.step += k
         for s in st.slots:
             engine.cache.lengths[s] += k * P
-            if starts is not None:  # the runner's device-side mirror of the lengths
-                starts.starts[s] += k * P
+            slots.append(s)
+            moved.append(k * P)
+    if starts is not None and slots:  # the runner's device-side mirror of the lengths (one op, not one per row)
+        starts.starts.index_add_(0, torch.tensor(slots, device=starts.starts.device),
+                                 torch.tensor(moved, dtype=starts.starts.dtype, device=starts.starts.device))
 
 
 def _step(engine) -> None:

@@ -115,9 +115,11 @@ def test_fast_forward_measures_what_every_step_measures(tiny):
 
 
 def _deep(cfg, layers=5):
+    """The tiny model with 5 prior layers and a head of 6 blocks in 2 adaLN groups (as 14B's)."""
     from dataclasses import replace
 
-    return replace(cfg, llm=replace(cfg.llm, num_layers=layers))
+    return replace(cfg, llm=replace(cfg.llm, num_layers=layers), head={**cfg.head, "depth_latent": 6,
+                                                                       "depth_adanln": 2})
 
 
 def test_shallow_model_measures_what_the_full_depth_measures(tiny):
@@ -132,7 +134,7 @@ def test_shallow_model_measures_what_the_full_depth_measures(tiny):
         dev = mp.plan_device()
         full_model = mp.fake_model(deep, tok, torch.bfloat16, device=dev)
         shallow = mp.fake_model(mp.shallow_config(deep), tok, torch.bfloat16, device=dev)
-        assert shallow.llm.kv_layout()[0] == mp.PLAN_LAYERS < 5
+        assert shallow.llm.kv_layout()[0] == mp.PLAN_LAYERS < 5 and len(shallow.head.net.res_blocks) == 4
         for m in (full_model, shallow):  # the modules' lazily made tables (512 bytes) made once
             mp.measure_peaks(m, serving, ecfg, (128, 128), 1)
         full = mp.measure_peaks(full_model, serving, ecfg, (128, 128), 3)
@@ -144,6 +146,7 @@ def test_shallow_model_measures_what_the_full_depth_measures(tiny):
     assert unscaled["ar_step"] < full["ar_step"], (unscaled, full)  # the prefix cache held in the step: at 5 layers
 
 
+@pytest.mark.slow
 def test_fast_plan_equals_the_full_depth_plan(tiny, monkeypatch):
     """A whole plan (weights, KV, peaks, the solve) on the shallow model equals the plan measured at full depth,
     for both families."""
@@ -153,7 +156,25 @@ def test_fast_plan_equals_the_full_depth_plan(tiny, monkeypatch):
     kw = dict(size=(128, 128), reserved_bytes=gpu - 12 * 2**20)
     fast = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
     monkeypatch.setattr(mp, "PLAN_LAYERS", 5)
+    monkeypatch.setattr(mp, "_shallow_head", lambda depth, adaln: (depth, adaln))
     full = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
+    assert fast.max_concurrent_requests >= 2 and fast.fits
+    assert fast.as_json() == full.as_json()
+
+
+@pytest.mark.slow
+def test_fast_class_conditional_plan_equals_the_full_depth_plan(monkeypatch):
+    from dataclasses import replace
+
+    from bitdance_core.imagenet.checkpoints import CLASS_PRESETS
+
+    deep = replace(CLASS_PRESETS["imagenet-tiny"].config(), n_layer=5, diff_layers=6, diff_adanln_layers=2)
+    assert (mp.shallow_config(deep).n_layer, mp.shallow_config(deep).diff_layers) == (mp.PLAN_LAYERS, 4)
+    gpu = 2**30
+    fast = mp.plan(deep, None, torch.bfloat16, gpu, reserved_bytes=gpu - 24 * 2**20)
+    monkeypatch.setattr(mp, "PLAN_LAYERS", 5)
+    monkeypatch.setattr(mp, "_shallow_head", lambda depth, adaln: (depth, adaln))
+    full = mp.plan(deep, None, torch.bfloat16, gpu, reserved_bytes=gpu - 24 * 2**20)
     assert fast.max_concurrent_requests >= 2 and fast.fits
     assert fast.as_json() == full.as_json()
 
