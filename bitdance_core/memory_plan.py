@@ -30,7 +30,8 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
 * The measured model has ``PLAN_LAYERS`` prior layers and a head of at most 2 x 2 blocks
   (:func:`shallow_config`): the layers (blocks) are identical and a layer's transient is freed before the
   next one runs, so the step's peak does not grow with depth; what
-  does (the KV cache, the weights) is counted at full depth: the weights from the full fake model, the KV
+  does (the KV cache, the weights) is counted at full depth: the weights as built plus the layers and blocks
+  left out, each the bytes of one built (:func:`planned_weights`), the KV
   analytically, and the exported prefixes of the prefix cache (every layer's K/V of a prefix) are counted
   as full-depth bytes while they are made (``LiveBytes.scaled``). ``tests/test_memory_plan.py`` checks that
   the shallow measurement equals the full one.
@@ -182,6 +183,24 @@ def module_bytes(model) -> dict[str, int]:
     from .engine.family import family_class
 
     return family_class(model).model_bytes(model)
+
+
+def planned_weights(model, config) -> dict[str, int]:
+    """The module bytes of ``config``'s full depth from a model built from :func:`shallow_config`: its bytes as
+    built, plus the prior layers and head blocks (and adaLN projections) it leaves out, each the bytes of one it
+    has (they are identical, quantised or not)."""
+    from .engine.family import family_class
+    from .quantize import module_bytes as bytes_of
+
+    out = module_bytes(model)
+    name = next(n for n in family_class(model).MODULES if hasattr(getattr(model, n), "kv_layout"))
+    prior, net = getattr(model, name), model.head.net
+    out[name] += (prior_layers(config) - len(prior.layers)) * bytes_of(prior.layers[0])
+    depth, adaln = ((config.diff_layers, config.diff_adanln_layers) if hasattr(config, "diff_layers")
+                    else (config.head["depth_latent"], config.head["depth_adanln"]))
+    out["head"] += ((depth - len(net.res_blocks)) * bytes_of(net.res_blocks[0])
+                    + (adaln - len(net.ada_ln_blocks)) * bytes_of(net.ada_ln_blocks[0]))
+    return out
 
 
 # ---- measuring the engine --------------------------------------------------------------------------
@@ -391,13 +410,11 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
     device = torch.device(device) if device is not None else plan_device()
     layers = prior_layers(config)
     with FakeMode():
-        model = fake_model(config, tokenizer, dtype, build, device)  # the full depth: its bytes are the weights
+        model = fake_model(shallow_config(config), tokenizer, dtype, build, device)  # (module docstring)
         serving = serving or default_serving(model)
         size = tuple(size or serving.default_size)
-        by_module = module_bytes(model)
+        by_module = planned_weights(model, config)
         weights = sum(by_module.values())
-        if shallow_config(config) is not config:  # measured on PLAN_LAYERS layers (module docstring)
-            model = fake_model(shallow_config(config), tokenizer, dtype, build, device)
         shapes = engine_shapes(model, serving, engine_config, layers)
         kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
         cache: dict[int, tuple[int, int, int]] = {}
@@ -474,7 +491,8 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
         from .quantize import fake_build
 
         with FakeMode():
-            w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
+            w8 = sum(planned_weights(fake_model(shallow_config(config), tokenizer, dtype, fake_build("int8"), device),
+                                     config).values())
         if w8 + rest <= p.gpu_memory_bytes:
             out.append(f"--quantize int8 (weights {gib(w8)}: one request needs {gib(w8 + rest)})")
     smaller = [s for s in serving.size_policy(config).allowed() if s[0] * s[1] < p.size[0] * p.size[1]]
@@ -563,7 +581,6 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
     from .checkpoints import PRESETS, get_preset, model_config, write_tokenizer
     from .device import resolve
     from .imagenet.checkpoints import CLASS_PRESETS
-    from .weights import load_tokenizer
 
     if preset in CLASS_PRESETS and preset not in PRESETS:
         from .imagenet.family import refuse_quantize
@@ -576,9 +593,11 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
         p = get_preset(preset)
     except ValueError:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *CLASS_PRESETS])}") from None
+    from transformers import PreTrainedTokenizerFast
+
     with tempfile.TemporaryDirectory(prefix="bitdance-plan-") as tmp:
-        n_tok = write_tokenizer(p, tmp)
-        tokenizer = load_tokenizer(tmp)
+        n_tok = write_tokenizer(p, tmp)  # its tokenizer_class: what load_tokenizer (AutoTokenizer) would pick,
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp)  # without AutoTokenizer's imports (~3 CPU-s)
     config = model_config(p, n_tok, name=p.name)
     return plan(config, tokenizer, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)
 

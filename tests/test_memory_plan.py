@@ -80,6 +80,23 @@ def test_14b_weights_and_kv_shapes(preset, vocab_params):
     assert parts["ae"] == pytest.approx(0.5e9, rel=0.1)
     kv_row = 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.head_dim * 2
     assert kv_row == 160 * 1024
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the plan's weights: from the shallow model it runs
+        assert mp.planned_weights(mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16), cfg) == parts
+
+
+def test_planned_weights_of_int8_and_class_conditional_models():
+    from bitdance_core.imagenet.checkpoints import CLASS_PRESETS
+    from bitdance_core.quantize import fake_build
+
+    cfg = model_config(get_preset("14b-64x"), 1000)
+    with FakeMode():
+        full = mp.module_bytes(mp.fake_model(cfg, None, torch.bfloat16, fake_build("int8")))
+        shallow = mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16, fake_build("int8"))
+        assert mp.planned_weights(shallow, cfg) == full
+        for name in ("imagenet-b-4x", "imagenet-h-1x"):
+            c = CLASS_PRESETS[name].config()
+            assert mp.planned_weights(mp.fake_model(mp.shallow_config(c), None, torch.bfloat16), c) == \
+                mp.module_bytes(mp.fake_model(c, None, torch.bfloat16)), name
 
 
 def _tiny():
