@@ -46,8 +46,9 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
   (``RESERVED_FIXED`` + ``RESERVED_FRACTION`` of the device).
 
 The transient grows with N, so N is solved by :func:`solve`: the largest N the KV alone allows is measured
-first; its peak bounds every smaller batch's, which gives an N that fits; a secant between the two, then a
-check of N + 1 (about 3 measured batch sizes). The plan reports the peaks measured at its N.
+first; its peak bounds every smaller batch's, which gives an N that fits; N + 1 is measured only when the
+peak at N does not already rule it out (usually 2 measured batch sizes). The plan reports the peaks measured
+at its N.
 The engine sizes its KV cache on CUDA with the same function (:func:`cuda_kv_budget`).
 """
 
@@ -369,14 +370,18 @@ def _step(engine) -> None:
 def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
     growing with N. ``peaks(n) -> (prefill, step[, graph pool])``, each call a measured run. The largest N the
-    KV allows (``hi``) is measured first; its peak bounds every smaller batch's, so ``n0`` requests fit with it;
-    a secant between ``n0`` and ``hi`` guesses the answer, checked with the next N: about 3 runs. Returns
-    (N, *peaks(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
+    KV allows (``hi``) is measured first; its peak bounds every smaller batch's from above, so ``n0`` requests
+    fit with it; a secant between ``n0`` and ``hi`` guesses the answer. N + 1 is measured only when the peak
+    already measured at N (a bound from below) does not rule it out: usually 2 runs, at most a few more.
+    Returns (N, *peaks(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
     def need(p) -> int:  # (prefill, step[, graph pool]): the pool is held beside either
         return max(p[0], p[1]) + sum(p[2:])
 
     def fits(n: int) -> bool:
         return n * kv_per_request + need(peaks(n)) <= available_bytes
+
+    def next_fits(n: int) -> bool:  # n + 1 fits (measured only when the peak at n does not rule it out)
+        return (n + 1) * kv_per_request + need(peaks(n)) <= available_bytes and fits(n + 1)
 
     hi = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS, cap or MAX_PLANNED_REQUESTS))
     if fits(hi):
@@ -390,12 +395,14 @@ def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = No
     if not fits(n):
         return 0, *peaks(1)
     p_n = need(peaks(n))
+    if (n + 1) * kv_per_request + p_n > available_bytes:  # the peak at n already rules n + 1 out
+        return n, *peaks(n)
     slope = (top - p_n) / (hi - n)
     guess = int((available_bytes - p_n + slope * n) // (kv_per_request + slope))
-    guess = min(max(guess, n), hi - 1)
+    guess = min(max(guess, n + 1), hi - 1)
     while guess > n and not fits(guess):
         guess -= 1
-    while guess + 1 < hi and fits(guess + 1):
+    while guess + 1 < hi and next_fits(guess):
         guess += 1
     return guess, *peaks(guess)
 

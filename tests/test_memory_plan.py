@@ -66,6 +66,25 @@ def test_solve_fits_the_peak_it_reports():
     assert mp.solve(400, 500, peaks)[0] == 0
 
 
+@pytest.mark.parametrize("available", [10_000, 20_000, 47_000, 100_000, 1_000_000])
+@pytest.mark.parametrize("slope", [0, 1, 30, 300])
+def test_solve_is_the_exhaustive_answer_in_few_runs(available, slope):
+    """The solve's N is the largest that fits (checked against every N), found with at most 4 measured runs when the
+    peak grows by a few % of a request's KV per request (14B: ~7 %), usually 2 (N + 1 is not measured when the
+    peak at N already rules it out)."""
+    runs = []
+
+    def peaks(n):
+        runs.append(n)
+        return 700 + 11 * n, 900 + slope * n + 20 * slope * (n // 7)  # rises with N, in steps (row buckets)
+
+    n, *_ = mp.solve(available, 500, peaks)
+    measured = set(runs)
+    every = [m for m in range(1, mp.MAX_PLANNED_REQUESTS + 1) if m * 500 + max(peaks(m)) <= available]
+    assert n == max(every, default=0)
+    assert len(measured) <= (4 if slope <= 30 else 8), measured
+
+
 @pytest.mark.parametrize("preset,vocab_params", [("14b-64x", 151988 * 5120), ("14b-16x", 151940 * 5120)])
 def test_14b_weights_and_kv_shapes(preset, vocab_params):
     p = get_preset(preset)
