@@ -66,6 +66,25 @@ def test_solve_fits_the_peak_it_reports():
     assert mp.solve(400, 500, peaks)[0] == 0
 
 
+@pytest.mark.parametrize("available", [10_000, 20_000, 47_000, 100_000, 1_000_000])
+@pytest.mark.parametrize("slope", [0, 1, 30, 300])
+def test_solve_is_the_exhaustive_answer_in_few_runs(available, slope):
+    """The solve's N is the largest that fits (checked against every N), found with at most 4 measured runs when the
+    peak grows by a few % of a request's KV per request (14B: ~7 %), usually 2 (N + 1 is not measured when the
+    peak at N already rules it out)."""
+    runs = []
+
+    def peaks(n):
+        runs.append(n)
+        return 700 + 11 * n, 900 + slope * n + 20 * slope * (n // 7)  # rises with N, in steps (row buckets)
+
+    n, *_ = mp.solve(available, 500, peaks)
+    measured = set(runs)
+    every = [m for m in range(1, mp.MAX_PLANNED_REQUESTS + 1) if m * 500 + max(peaks(m)) <= available]
+    assert n == max(every, default=0)
+    assert len(measured) <= (4 if slope <= 30 else 8), measured
+
+
 @pytest.mark.parametrize("preset,vocab_params", [("14b-64x", 151988 * 5120), ("14b-16x", 151940 * 5120)])
 def test_14b_weights_and_kv_shapes(preset, vocab_params):
     p = get_preset(preset)
@@ -80,6 +99,23 @@ def test_14b_weights_and_kv_shapes(preset, vocab_params):
     assert parts["ae"] == pytest.approx(0.5e9, rel=0.1)
     kv_row = 2 * cfg.llm.num_layers * cfg.llm.num_kv_heads * cfg.llm.head_dim * 2
     assert kv_row == 160 * 1024
+    with FakeTensorMode(allow_non_fake_inputs=True):  # the plan's weights: from the shallow model it runs
+        assert mp.planned_weights(mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16), cfg) == parts
+
+
+def test_planned_weights_of_int8_and_class_conditional_models():
+    from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS
+    from bitdance_core.loading.quantize import fake_build
+
+    cfg = model_config(get_preset("14b-64x"), 1000)
+    with FakeMode():
+        full = mp.module_bytes(mp.fake_model(cfg, None, torch.bfloat16, fake_build("int8")))
+        shallow = mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16, fake_build("int8"))
+        assert mp.planned_weights(shallow, cfg) == full
+        for name in ("imagenet-b-4x", "imagenet-h-1x"):
+            c = CLASS_PRESETS[name].config()
+            assert mp.planned_weights(mp.fake_model(mp.shallow_config(c), None, torch.bfloat16), c) == \
+                mp.module_bytes(mp.fake_model(c, None, torch.bfloat16)), name
 
 
 def _tiny():
@@ -112,6 +148,71 @@ def test_fast_forward_measures_what_every_step_measures(tiny):
         full = mp.measure_peaks(model, serving, cfg, TINY_SIZE, 3, fast_forward=False)
     assert fast["ar_step"] > 0 and fast["prefill"] > 0 and fast["decode"] > 0
     assert fast == full
+
+
+def _deep(cfg, layers=5):
+    """The tiny model with 5 prior layers and a head of 6 blocks in 2 adaLN groups (as 14B's)."""
+    from dataclasses import replace
+
+    return replace(cfg, llm=replace(cfg.llm, num_layers=layers), head={**cfg.head, "depth_latent": 6,
+                                                                       "depth_adanln": 2})
+
+
+def test_shallow_model_measures_what_the_full_depth_measures(tiny):
+    """The plan runs a model of PLAN_LAYERS prior layers and counts what grows with depth at the planned depth
+    (the exported prefixes of the prefix cache; weights and KV are not in the peaks): its peaks equal a run of
+    the full depth (a 5-layer model, two admission steps, the graph pool on)."""
+    cfg, tok, _ = tiny
+    deep = _deep(cfg)
+    serving = ServingConfig.for_model(cfg, {"sizes": [[128, 128]], "default_size": [128, 128]})  # 16 AR steps
+    ecfg = EngineConfig(max_prefill_rows=4)  # 3 requests of 2 rows: admitted over two steps
+    with FakeMode():
+        dev = mp.plan_device()
+        full_model = mp.fake_model(deep, tok, torch.bfloat16, device=dev)
+        shallow = mp.fake_model(mp.shallow_config(deep), tok, torch.bfloat16, device=dev)
+        assert shallow.llm.kv_layout()[0] == mp.PLAN_LAYERS < 5 and len(shallow.head.net.res_blocks) == 4
+        for m in (full_model, shallow):  # the modules' lazily made tables (512 bytes) made once
+            mp.measure_peaks(m, serving, ecfg, (128, 128), 1)
+        full = mp.measure_peaks(full_model, serving, ecfg, (128, 128), 3)
+        fast = mp.measure_peaks(shallow, serving, ecfg, (128, 128), 3, layers=5)
+        unscaled = mp.measure_peaks(shallow, serving, ecfg, (128, 128), 3)
+        assert mp.engine_shapes(shallow, serving, ecfg, 5) == mp.engine_shapes(full_model, serving, ecfg)
+    assert full["graph_pool"] > 0 and full["prefill"] > 0
+    assert fast == full
+    assert unscaled["ar_step"] < full["ar_step"], (unscaled, full)  # the prefix cache held in the step: at 5 layers
+
+
+@pytest.mark.slow
+def test_fast_plan_equals_the_full_depth_plan(tiny, monkeypatch):
+    """A whole plan (weights, KV, peaks, the solve) on the shallow model equals the plan measured at full depth,
+    for both families."""
+    cfg, tok, _ = tiny
+    deep = _deep(cfg)
+    gpu = 2**30
+    kw = dict(size=(128, 128), reserved_bytes=gpu - 12 * 2**20)
+    fast = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
+    monkeypatch.setattr(mp, "PLAN_LAYERS", 5)
+    monkeypatch.setattr(mp, "_shallow_head", lambda depth, adaln: (depth, adaln))
+    full = mp.plan(deep, tok, torch.bfloat16, gpu, **kw)
+    assert fast.max_concurrent_requests >= 2 and fast.fits
+    assert fast.as_json() == full.as_json()
+
+
+@pytest.mark.slow
+def test_fast_class_conditional_plan_equals_the_full_depth_plan(monkeypatch):
+    from dataclasses import replace
+
+    from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS
+
+    deep = replace(CLASS_PRESETS["imagenet-tiny"].config(), n_layer=5, diff_layers=6, diff_adanln_layers=2)
+    assert (mp.shallow_config(deep).n_layer, mp.shallow_config(deep).diff_layers) == (mp.PLAN_LAYERS, 4)
+    gpu = 2**30
+    fast = mp.plan(deep, None, torch.bfloat16, gpu, reserved_bytes=gpu - 24 * 2**20)
+    monkeypatch.setattr(mp, "PLAN_LAYERS", 5)
+    monkeypatch.setattr(mp, "_shallow_head", lambda depth, adaln: (depth, adaln))
+    full = mp.plan(deep, None, torch.bfloat16, gpu, reserved_bytes=gpu - 24 * 2**20)
+    assert fast.max_concurrent_requests >= 2 and fast.fits
+    assert fast.as_json() == full.as_json()
 
 
 def test_fake_peaks_equal_real_peaks(tiny):

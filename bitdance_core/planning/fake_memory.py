@@ -34,7 +34,11 @@ class LiveBytes(TorchDispatchMode):
 
     ``with live.pool():`` marks a region whose new storages belong to a CUDA-graph memory pool instead (what a
     captured function allocates lives in the graph's private pool, not in the caching allocator's general
-    memory): they count in ``pool_current`` / ``pool_peak``, not in ``current`` / ``peak``."""
+    memory): they count in ``pool_current`` / ``pool_peak``, not in ``current`` / ``peak``.
+
+    ``with live.scaled(num, den):`` counts the new storages of a region as ``nbytes * num // den``: the memory
+    plan measures a model of fewer layers and scales what holds every layer (an exported KV prefix) to the
+    depth it plans for."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -42,6 +46,7 @@ class LiveBytes(TorchDispatchMode):
         self.current = self.peak = 0
         self.pool_current = self.pool_peak = 0
         self._pool_depth = 0
+        self._scale = (1, 1)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -51,7 +56,7 @@ class LiveBytes(TorchDispatchMode):
             key = id(st)
             if key in inputs or key in self._live:
                 continue  # a view or an in-place result: no new memory
-            n = st.nbytes()
+            n = st.nbytes() * self._scale[0] // self._scale[1]
             self._live[key] = (n, pooled)
             if pooled:
                 self.pool_current += n
@@ -73,6 +78,14 @@ class LiveBytes(TorchDispatchMode):
         """Start a new window; returns the bytes live now (the window's baseline)."""
         self.peak = self.current
         return self.current
+
+    @contextlib.contextmanager
+    def scaled(self, num: int, den: int):
+        saved, self._scale = self._scale, (num, den)
+        try:
+            yield
+        finally:
+            self._scale = saved
 
     @contextlib.contextmanager
     def pool(self):

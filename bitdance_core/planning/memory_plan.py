@@ -24,8 +24,17 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
   its real ``step()`` under ``FakeTensorMode`` (no memory allocated, no kernel run) on a model built
   from the configs (no weight read) and :class:`~bitdance_core.planning.fake_memory.LiveBytes` records the
   peak. The requests are the worst case: the longest prompt and a distinct longest negative prompt
-  each (two prefill rows per request, a full prefix cache), every AR step up to the longest keys,
-  then the batched decode of all N images.
+  each (two prefill rows per request, a full prefix cache): every admission step, the AR step with
+  the longest keys (a step's peak grows with its key length, so the steps before it cannot exceed it),
+  then the batched decode of one decode batch.
+* The measured model has ``PLAN_LAYERS`` prior layers and a head of at most 2 x 2 blocks
+  (:func:`shallow_config`): the layers (blocks) are identical and a layer's transient is freed before the
+  next one runs, so the step's peak does not grow with depth; what
+  does (the KV cache, the weights) is counted at full depth: the weights as built plus the layers and blocks
+  left out, each the bytes of one built (:func:`planned_weights`), the KV
+  analytically, and the exported prefixes of the prefix cache (every layer's K/V of a prefix) are counted
+  as full-depth bytes while they are made (``LiveBytes.scaled``). ``tests/test_memory_plan.py`` checks that
+  the shallow measurement equals the full one.
 * ``graph_pool_bytes``: the CUDA graphs' memory. The runner captures the head's sampler loop and the
   prior's block step into graphs that share ONE private memory pool (``runner._pool``); what a captured
   function allocates stays in that pool for the graph's life and is not available to anything else.
@@ -36,8 +45,10 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
 * ``reserved_bytes``: CUDA context, library workspaces and allocator slack, assumed
   (``RESERVED_FIXED`` + ``RESERVED_FRACTION`` of the device).
 
-The transient grows with N, so N is solved from an upper bound: N0 ignores the transient, N1 uses
-the transient measured at N0 (so N1 fits), and the plan reports the transient measured at N1.
+The transient grows with N, so N is solved by :func:`solve`: the largest N the KV alone allows is measured
+first; its peak bounds every smaller batch's, which gives an N that fits; N + 1 is measured only when the
+peak at N does not already rule it out (usually 2 measured batch sizes). The plan reports the peaks measured
+at its N.
 The engine sizes its KV cache on CUDA with the same function (:func:`cuda_kv_budget`).
 """
 
@@ -64,6 +75,7 @@ from ..families.text_to_image.config import ModelConfig
 from ..families.text_to_image.loader import load_tokenizer
 from ..families.text_to_image.random_checkpoint import PRESETS, get_preset, model_config, write_tokenizer
 from ..loading.quantize import fake_build
+from ..loading.quantize import module_bytes as bytes_of
 from ..models.autoencoder import BinaryAutoencoder
 from .fake_memory import FakeMode, LiveBytes, fake_cuda_ready
 
@@ -72,6 +84,7 @@ logger = logging.getLogger(__name__)
 RESERVED_FIXED = 1 << 30  # CUDA context + cuBLAS / attention workspaces + kernel images
 RESERVED_FRACTION = 0.03  # caching-allocator fragmentation
 MAX_PLANNED_REQUESTS = 256  # the solve's upper bound (a plan of a huge device stays quick)
+PLAN_LAYERS = 2  # prior layers of the measured model: layer 1 and on see what every later layer sees
 PLAN_STEPS = 2  # sampler steps of the planning requests: the head's peak is per evaluation, not per step count
 JSON_KEYS = ("weights_bytes", "kv_bytes_per_token_row", "kv_rows", "kv_tokens_per_row", "kv_bytes",
              "peak_prefill_bytes", "peak_step_bytes", "graph_pool_bytes", "reserved_bytes", "max_concurrent_requests",
@@ -180,6 +193,20 @@ def module_bytes(model) -> dict[str, int]:
     return registry.family_class(model).model_bytes(model)
 
 
+def planned_weights(model, config) -> dict[str, int]:
+    """The module bytes of ``config``'s full depth from a model built from :func:`shallow_config`: its bytes as
+    built, plus the prior layers and head blocks (and adaLN projections) it leaves out, each the bytes of one it
+    has (they are identical, quantised or not)."""
+    out = module_bytes(model)
+    name = next(n for n in registry.family_class(model).MODULES if hasattr(getattr(model, n), "kv_layout"))
+    prior, net = getattr(model, name), model.head.net
+    out[name] += (prior_layers(config) - len(prior.layers)) * bytes_of(prior.layers[0])
+    _, depth, adaln = config.depths()
+    out["head"] += ((depth - len(net.res_blocks)) * bytes_of(net.res_blocks[0])
+                    + (adaln - len(net.ada_ln_blocks)) * bytes_of(net.ada_ln_blocks[0]))
+    return out
+
+
 # ---- measuring the engine --------------------------------------------------------------------------
 
 
@@ -192,20 +219,49 @@ class Shapes:
     rows_per_request: int = 2
 
 
-def engine_shapes(model, serving: ServingConfig, engine_config) -> Shapes:
+def prior_layers(config) -> int:
+    """The prior's layer count of either family's config."""
+    return config.depths()[0]
+
+
+def _shallow_head(depth: int, adaln: int) -> tuple[int, int]:
+    """(blocks, adaLN projections) of a head that runs every case of the full head's loop: a block that makes a
+    new modulation while the last is alive (a later group) and one that reuses it (a later block of its group).
+    A valid head has ``depth // k`` == ``adaln`` groups of ``k = depth // adaln`` blocks each."""
+    k = max(1, depth // adaln)
+    groups = min(adaln, 2)
+    return groups * min(k, 2), groups
+
+
+def shallow_config(config, layers: int | None = None):
+    """The same model with at most ``layers`` (default ``PLAN_LAYERS``) prior layers and a head of at most two
+    adaLN groups of two blocks: what the plan runs (see the module docstring)."""
+    full_layers, full_depth, full_adaln = config.depths()
+    layers = min(layers or PLAN_LAYERS, full_layers)
+    out = config.with_depths(layers, *_shallow_head(full_depth, full_adaln))
+    return config if out == config else out
+
+
+def engine_shapes(model, serving: ServingConfig, engine_config, layers: int | None = None) -> Shapes:
+    """``layers``: the depth planned for (default: the model's); the KV bytes per token grow with it."""
     probe = Engine(model, replace(engine_config, kv_budget_bytes=1 << 62, max_batch_requests=1, cuda_graphs="off"),
                    serving)  # a shape probe: no graph set (a CPU build has no CUDA graph pool to make)
-    return Shapes(probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len), probe.max_seq_len)
+    built = probe.family.prior.kv_layout()[0]
+    per_row = probe.cache.nbytes // (probe.cache.rows * probe.max_seq_len)
+    return Shapes(per_row * (layers or built) // built, probe.max_seq_len)
 
 
 def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int, int], n: int, *,
-                  fast_forward: bool = True, progress=None, decode_cache: dict | None = None) -> dict[str, int]:
+                  fast_forward: bool = True, progress=None, decode_cache: dict | None = None,
+                  layers: int | None = None) -> dict[str, int]:
     """Run N worst-case requests through the real engine (inside a ``FakeTensorMode``); returns the bytes
     beyond weights and KV: {"prefill", "step" (worst of AR steps and the final decode), "ar_step", "decode"
     (the decode's own transient), "graph_pool" (the captured functions' pool, 0 with graphs off)}.
-    ``fast_forward`` skips AR steps 3 .. T-2 (same peak: fewer keys). ``progress(line)`` hears one line per
-    measured step. ``decode_cache`` (shared by the runs of one plan) keeps the decode's transient, which
-    depends only on the decode batch ``min(N, decode_batch)``: measured once, then added to each run's base."""
+    ``fast_forward`` skips the AR steps after admission up to T-2 (a smaller peak: fewer keys); without it every
+    step is measured (tests). ``progress(line)`` hears one line per measured step. ``decode_cache`` (shared by
+    the runs of one plan) keeps the decode's transient, which depends only on the decode batch
+    ``min(N, decode_batch)``: measured once, then added to each run's base. ``layers``: the prior depth planned
+    for, when ``model`` is a shallow copy (:func:`shallow_config`): the exported prefixes count at that depth."""
     say = progress or (lambda line: None)
     shapes = engine_shapes(model, serving, engine_config)
     rows = n * shapes.rows_per_request
@@ -220,8 +276,14 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
                                            distinct=engine_config.prefix_cache_entries):
         engine.add_request(req)
     total = engine.sizes.ar_steps(h, w)
+    built = engine.family.prior.kv_layout()[0]
     peaks = {}
     with LiveBytes() as live:
+        if (layers or built) != built:  # a prefix's K/V holds every layer: count it at the planned depth
+            def export_prefix(slot, export=engine.cache.export_prefix, live=live):
+                with live.scaled(layers, built):
+                    return export(slot)
+            engine.cache.export_prefix = export_prefix
         if graphs:
             def pooled(key, fn, live=live):
                 with live.pool():
@@ -239,14 +301,8 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
                 break
         steps = []
         if total > 2:
-            live.reset_peak()
-            _step(engine)  # an AR step of the whole batch
-            steps.append(live.peak)
-            say(f"N={n}: AR step 2 of {total}")
-            for _ in range(total - 4 if not fast_forward else 0):  # (tests: every step)
-                if max(st.step for st in engine.requests.values()) >= total - 2:
-                    break
-                live.reset_peak()
+            while not fast_forward and max(st.step for st in engine.requests.values()) < total - 2:
+                live.reset_peak()  # (tests: every step, to show the longest keys are the worst)
                 _step(engine)
                 steps.append(live.peak)
             _fast_forward(engine, total - 2)
@@ -279,6 +335,7 @@ def _fast_forward(engine, to_step: int) -> None:
     data is never read): only the lengths that shape the next step move. Planning only."""
     P = engine.P
     starts = getattr(getattr(engine, "runner", None), "buf", None)
+    slots, moved = [], []
     for st in engine.requests.values():
         k = to_step - st.step
         if k <= 0 or not st.slots:
@@ -286,8 +343,11 @@ def _fast_forward(engine, to_step: int) -> None:
         st.step += k
         for s in st.slots:
             engine.cache.lengths[s] += k * P
-            if starts is not None:  # the runner's device-side mirror of the lengths
-                starts.starts[s] += k * P
+            slots.append(s)
+            moved.append(k * P)
+    if starts is not None and slots:  # the runner's device-side mirror of the lengths (one op, not one per row)
+        starts.starts.index_add_(0, torch.tensor(slots, device=starts.starts.device),
+                                 torch.tensor(moved, dtype=starts.starts.dtype, device=starts.starts.device))
 
 
 def _step(engine) -> None:
@@ -298,29 +358,42 @@ def _step(engine) -> None:
 
 def solve(available_bytes: int, kv_per_request: int, peaks, cap: int | None = None) -> tuple[int, int, int]:
     """Most requests N (at most ``cap``) with N * kv_per_request + peak(N) <= available_bytes, the peak
-    growing with N. ``peaks(n) -> (prefill, step)``, each call a measured run, so the search is a secant
-    on a peak that is close to linear in N, then checked: 3 to 4 runs. Returns (N, *peaks(N)); N = 0 when
-    not even one request fits (the peaks are then those of one request)."""
+    growing with N. ``peaks(n) -> (prefill, step[, graph pool])``, each call a measured run. The largest N the
+    KV allows (``hi``) is measured first; its peak bounds every smaller batch's from above, so ``n0`` requests
+    fit with it; a secant between ``n0`` and ``hi`` guesses the answer. N + 1 is measured only when the peak
+    already measured at N (a bound from below) does not rule it out: usually 2 runs, at most a few more.
+    Returns (N, *peaks(N)); N = 0 when not even one request fits (the peaks are then those of one request)."""
     def need(p) -> int:  # (prefill, step[, graph pool]): the pool is held beside either
         return max(p[0], p[1]) + sum(p[2:])
 
     def fits(n: int) -> bool:
         return n * kv_per_request + need(peaks(n)) <= available_bytes
 
+    def next_fits(n: int) -> bool:  # n + 1 fits (measured only when the peak at n does not rule it out)
+        return (n + 1) * kv_per_request + need(peaks(n)) <= available_bytes and fits(n + 1)
+
     hi = max(1, min(available_bytes // kv_per_request, MAX_PLANNED_REQUESTS, cap or MAX_PLANNED_REQUESTS))
     if fits(hi):
         return hi, *peaks(hi)
-    if hi == 1 or not fits(1):
+    if hi == 1:
         return 0, *peaks(1)
-    p1, p_hi = need(peaks(1)), need(peaks(hi))
-    slope = (p_hi - p1) / (hi - 1)
-    n = int((available_bytes - p1 + slope) // (kv_per_request + slope))
-    n = min(max(n, 1), hi - 1)
-    while n > 1 and not fits(n):
+    top = need(peaks(hi))
+    n = min(max(1, (available_bytes - top) // kv_per_request), hi - 1)
+    while n > 1 and not fits(n):  # (only if a smaller batch peaked higher)
         n -= 1
-    while n + 1 < hi and fits(n + 1):
-        n += 1
-    return n, *peaks(n)
+    if not fits(n):
+        return 0, *peaks(1)
+    p_n = need(peaks(n))
+    if (n + 1) * kv_per_request + p_n > available_bytes:  # the peak at n already rules n + 1 out
+        return n, *peaks(n)
+    slope = (top - p_n) / (hi - n)
+    guess = int((available_bytes - p_n + slope * n) // (kv_per_request + slope))
+    guess = min(max(guess, n + 1), hi - 1)
+    while guess > n and not fits(guess):
+        guess -= 1
+    while guess + 1 < hi and next_fits(guess):
+        guess += 1
+    return guess, *peaks(guess)
 
 
 def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | None, engine_config,
@@ -329,13 +402,14 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
     """Inside one fake mode: (weights by module, serving, size, shapes, N, peak_prefill, peak_step, graph_pool).
     ``available(weights_bytes) -> bytes`` for the KV cache and the engine's peaks."""
     device = torch.device(device) if device is not None else plan_device()
+    layers = prior_layers(config)
     with FakeMode():
-        model = fake_model(config, tokenizer, dtype, build, device)
+        model = fake_model(shallow_config(config), tokenizer, dtype, build, device)  # (module docstring)
         serving = serving or registry.default_serving(model)
         size = tuple(size or serving.default_size)
-        by_module = module_bytes(model)
+        by_module = planned_weights(model, config)
         weights = sum(by_module.values())
-        shapes = engine_shapes(model, serving, engine_config)
+        shapes = engine_shapes(model, serving, engine_config, layers)
         kv_req = shapes.rows_per_request * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row
         cache: dict[int, tuple[int, int, int]] = {}
         decode_cache: dict = {}
@@ -343,7 +417,7 @@ def _solve_fake(config, tokenizer, dtype: torch.dtype, serving: ServingConfig | 
         def peaks(n: int) -> tuple[int, int, int]:
             if n not in cache:
                 p = measure_peaks(model, serving, engine_config, size, n, progress=progress,
-                                  decode_cache=decode_cache)
+                                  decode_cache=decode_cache, layers=layers)
                 cache[n] = (p["prefill"], p["step"], p["graph_pool"])
             return cache[n]
 
@@ -405,7 +479,8 @@ def _suggestions(p: MemoryPlan, config, tokenizer, dtype, serving: ServingConfig
     out = []
     if build is None and registry.family_of(config).quantizable:
         with FakeMode():
-            w8 = sum(module_bytes(fake_model(config, tokenizer, dtype, fake_build("int8"), device)).values())
+            w8 = sum(planned_weights(fake_model(shallow_config(config), tokenizer, dtype, fake_build("int8"), device),
+                                     config).values())
         if w8 + rest <= p.gpu_memory_bytes:
             out.append(f"--quantize int8 (weights {gib(w8)}: one request needs {gib(w8 + rest)})")
     smaller = [s for s in serving.size_policy(config).allowed() if s[0] * s[1] < p.size[0] * p.size[1]]
@@ -494,9 +569,11 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
         p = get_preset(preset)
     except ValueError:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *CLASS_PRESETS])}") from None
+    from transformers import PreTrainedTokenizerFast
+
     with tempfile.TemporaryDirectory(prefix="bitdance-plan-") as tmp:
-        n_tok = write_tokenizer(p, tmp)
-        tokenizer = load_tokenizer(tmp)
+        n_tok = write_tokenizer(p, tmp)  # its tokenizer_class: what load_tokenizer (AutoTokenizer) would pick,
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp)  # without AutoTokenizer's imports (~3 CPU-s)
     config = model_config(p, n_tok, name=p.name)
     return plan(config, tokenizer, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)
 

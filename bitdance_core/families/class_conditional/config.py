@@ -9,7 +9,7 @@ autoencoder's ``ddconfig``. ``resolve.py`` decides where each field comes from.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 # The official presets (``BitDance_{B,L,H}`` in imagenet_gen/src/model*.py): dim / layers / heads / head.
@@ -60,6 +60,14 @@ class ClassModelConfig:
     default_guidance: float = DEFAULT_GUIDANCE
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # field -> where it came from
     model_dir: str | None = field(default=None, compare=False)  # the checkpoint file (``info()`` reports it)
+
+    def depths(self) -> tuple[int, int, int]:
+        """(prior layers, head blocks, head adaLN projections): what the memory plan scales (planning/)."""
+        return self.n_layer, self.diff_layers, self.diff_adanln_layers
+
+    def with_depths(self, layers: int, blocks: int, adaln: int) -> ClassModelConfig:
+        """The same model at another depth (the memory plan's shallow copy)."""
+        return replace(self, n_layer=layers, diff_layers=blocks, diff_adanln_layers=adaln)
 
     def __post_init__(self):
         if self.dim % self.n_head:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,6 +110,15 @@ class ModelConfig:
     def is_released_shape(self) -> bool:
         """True for the 14B text-to-image checkpoints (their official size list applies)."""
         return self.llm.hidden_size == 5120 and self.z_channels == 32 and self.downsample == 16
+
+    def depths(self) -> tuple[int, int, int]:
+        """(prior layers, head blocks, head adaLN projections): what the memory plan scales (planning/)."""
+        return self.llm.num_layers, self.head["depth_latent"], self.head["depth_adanln"]
+
+    def with_depths(self, layers: int, blocks: int, adaln: int) -> ModelConfig:
+        """The same model at another depth (the memory plan's shallow copy)."""
+        return replace(self, llm=replace(self.llm, num_layers=layers),
+                       head={**self.head, "depth_latent": blocks, "depth_adanln": adaln})
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
