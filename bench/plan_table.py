@@ -4,7 +4,8 @@
 
 Each cell is ``memory_plan.plan_preset(preset, memory, "bfloat16", (s, s), build=quantize.fake_build(mode))``: the
 real engine's step measured under FakeTensorMode on the model as a ``--quantize MODE`` load keeps it (guidance on,
-one image per request, the longest prompts). No weights are read; about 20 s of CPU per cell.
+one image per request, the longest prompts). No weights are read; 14-97 s of CPU per cell (2026-12-05: more
+with more requests, each 16 admitted one more measured step).
 """
 
 from __future__ import annotations
