@@ -5,6 +5,9 @@
   torch's own, so results do not move.
 * In-process CLI runs apply the CPU thread policy (``torch.set_num_threads``); each test gets the session's thread
   count back, so one test's ``--threads`` does not slow or change the next.
+* Under pytest-xdist (``make test`` runs ``-n 2``) each worker process gets its share of the usable CPUs as
+  OpenMP threads (``OMP_NUM_THREADS``, set before torch loads): two workers with two threads each would
+  oversubscribe two cores. Servers and CLI runs the tests start apply their own thread policy, as in production.
 * The run ends with ONE line naming every group of skipped tests and what would run it (``make test`` installs
   what it can, e.g. Debian chromium as root).
 """
@@ -17,10 +20,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from bitdance_core.cpu_threads import thread_env
+from bitdance_core.cpu_threads import thread_env, usable_cpus
 
 for _key, _value in thread_env().items():
     os.environ.setdefault(_key, _value)
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // _XDIST_WORKERS)))
 
 # what runs a skipped group, by marker (other skips name it in their reason)
 HOW_BY_MARKER = {
