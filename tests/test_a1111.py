@@ -195,7 +195,7 @@ def test_schemathesis_on_the_a1111_routes(srv, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not real_worker_available(), reason="needs the real worker")
 def test_real_server_diffusers_checkpoint_same_images(tmp_path):
-    from test_diffusers_layout import t2i_images
+    from test_diffusers_layout import T2I_SIDE, t2i_images
 
     from bitdance_core.cli import main as cli_main
 
@@ -206,16 +206,18 @@ def test_real_server_diffusers_checkpoint_same_images(tmp_path):
     try:
         server.wait_ready(180)
         assert server.info()["model"] == "diffusers"
-        r = client(server).txt2img(prompt="a red fox in the snow", seed=11, width=256, height=256, batch_size=2,
-                                   cfg_scale=3.0, steps=3)
+        r = client(server).txt2img(prompt="a red fox in the snow", seed=11, width=T2I_SIDE, height=T2I_SIDE,
+                                   batch_size=2, cfg_scale=3.0, steps=3)
         with server.client(timeout=300) as c:
-            g = c.post("/generate", json={"prompt": "a red fox in the snow", "seed": 11, "width": 256, "height": 256,
-                                          "num_images": 2, "guidance_scale": 3.0, "steps": 3}).json()
+            g = c.post("/generate", json={"prompt": "a red fox in the snow", "seed": 11, "width": T2I_SIDE,
+                                          "height": T2I_SIDE, "num_images": 2, "guidance_scale": 3.0,
+                                          "steps": 3}).json()
     finally:
         server.kill()
     a1111 = np.stack([np.asarray(im.convert("RGB")) for im in r.images])
     generate = np.stack([pixels(decode_b64(im["b64_json"])) for im in g["images"]])
     official, _ = t2i_images(tmp_path / "official")  # in-process engine, the official-layout twin
+    assert a1111.shape == (2, T2I_SIDE, T2I_SIDE, 3)
     assert np.array_equal(a1111, generate) and np.array_equal(generate, official)
 
 
