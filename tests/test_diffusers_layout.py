@@ -216,6 +216,7 @@ def class_images(model, seed: int = 5) -> np.ndarray:
     return run(Engine(model, EngineConfig(max_batch_requests=2)), req)["images"]
 
 
+@pytest.mark.slow  # two 256x256 class-conditional models (the only size): the CI gate runs it
 def test_class_same_images_bit_for_bit(class_twins):
     off, dif = class_twins
     a, b = load_class_model(off, "cpu"), load_class_model(dif, "cpu")

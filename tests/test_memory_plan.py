@@ -100,6 +100,7 @@ def tiny():
     return _tiny()
 
 
+@pytest.mark.slow  # every AR step on fake tensors, three times: over 60 CPU-s; the CI gate runs it
 def test_fast_forward_measures_what_every_step_measures(tiny):
     """The plan skips the AR steps between the second and the next-to-last; stepping through all of
     them must give the same peak (the worst step is the one with the longest keys)."""
