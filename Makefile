@@ -16,7 +16,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # the CPUs this process may use (affinity and cgroup quota, as the server counts them); not os.cpu_count()
 TEST_WORKERS ?= $(shell $(PY) -c "from bitdance_core.cpu_threads import usable_cpus; print(usable_cpus())")
-PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 APT_TEST_PACKAGES := chromium chromium-driver
 
 .PHONY: install run test test-fast test-deps lint bench
