@@ -3,6 +3,8 @@
 #   make test                         the CI gate: every test (installs Debian chromium for the browser tests as
 #                                     root; otherwise its last line names each skipped group and what runs it)
 #   make test-fast                    the developer loop: every module, no slow end-to-end test (-m "not slow")
+#   Both run on every usable CPU (pytest-xdist, one worker per CPU, a test module's tests on one worker so that
+#   its servers and models start once); TEST_WORKERS=0 runs them in this process, one after the other.
 # TORCH_SPEC/PIP_EXTRA let a machine without a local CPU wheel pick one, e.g.
 #   make test PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 
@@ -12,6 +14,9 @@ TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# the CPUs this process may use (affinity and cgroup quota, as the server counts them); not os.cpu_count()
+TEST_WORKERS ?= $(shell $(PY) -c "from bitdance_core.cpu_threads import usable_cpus; print(usable_cpus())")
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 APT_TEST_PACKAGES := chromium chromium-driver
 
 .PHONY: install run test test-fast test-deps lint bench
@@ -42,10 +47,10 @@ test-deps:
 	fi
 
 test: install lint test-deps
-	$(PY) -m pytest -q -ra
+	$(PYTEST) -ra
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: install
 	$(PY) bench/bench_engine.py

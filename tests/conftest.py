@@ -5,6 +5,11 @@
   torch's own, so results do not move.
 * In-process CLI runs apply the CPU thread policy (``torch.set_num_threads``); each test gets the session's thread
   count back, so one test's ``--threads`` does not slow or change the next.
+* Under pytest-xdist (``make test`` runs ``-n 2``) each worker process gets its share of the usable CPUs as
+  OpenMP threads (``OMP_NUM_THREADS``, set before torch loads): two workers with two threads each would
+  oversubscribe two cores. Servers and CLI runs the tests start apply their own thread policy, as in production.
+* Under pytest-xdist the heaviest modules (``HEAVY_FIRST``, measured) are handed out first: with ``--dist
+  loadfile`` a module runs on one worker, and a heavy module started last would run alone at the end.
 * The run ends with ONE line naming every group of skipped tests and what would run it (``make test`` installs
   what it can, e.g. Debian chromium as root).
 """
@@ -17,10 +22,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from bitdance_core.cpu_threads import thread_env
+from bitdance_core.cpu_threads import thread_env, usable_cpus
 
 for _key, _value in thread_env().items():
     os.environ.setdefault(_key, _value)
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // _XDIST_WORKERS)))
 
 # what runs a skipped group, by marker (other skips name it in their reason)
 HOW_BY_MARKER = {
@@ -29,6 +37,21 @@ HOW_BY_MARKER = {
     "gpu": "a CUDA device",
 }
 SKIPPED = pytest.StashKey[dict]()
+# the modules with the most CPU time in `make test` (measured 2026-12-05), heaviest first
+HEAVY_FIRST = (
+    "test_bf16.py", "test_cuda_tier.py", "test_memory_plan.py", "test_imagenet_engine.py", "test_server_openapi.py",
+    "test_replicas.py", "test_server_real.py", "test_a1111.py", "test_diffusers_layout.py", "test_engine.py",
+    "test_core_loading.py", "test_quantize_plan.py", "test_gpu_check.py", "test_browser.py", "test_demo_model.py",
+    "test_imagenet_golden.py", "test_faults.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under xdist: heaviest modules first (every worker sorts alike; the run needs --no-loadscope-reorder)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].rsplit("/", 1)[-1], len(rank)))
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,6 @@ from server_harness import REPO, LiveServer, decode_b64, real_worker_available, 
 
 from server.a1111_schemas import SAMPLER
 
-pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
@@ -47,6 +46,7 @@ def pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_txt2img_through_webuiapi(srv):
     api = client(srv)
     r = api.txt2img(prompt="a lighthouse", negative_prompt="fog", seed=1234, width=128, height=64, batch_size=2,
@@ -63,12 +63,14 @@ def test_txt2img_through_webuiapi(srv):
         assert np.array_equal(np.asarray(im.convert("RGB")), pixels(decode_b64(ref["b64_json"])))
 
 
+@pytest.mark.slow
 def test_random_seed_is_reported(srv):
     r = client(srv).txt2img(prompt="x", seed=-1, width=64, height=64)
     assert isinstance(r.info["seed"], int) and r.info["seed"] >= 0
     assert f"Seed: {r.info['seed']}," in r.images[0].info["parameters"]
 
 
+@pytest.mark.slow
 def test_send_images_false(srv):
     with srv.client() as c:
         body = c.post("/sdapi/v1/txt2img", json={"prompt": "x", "send_images": False, "width": 64,
@@ -76,6 +78,7 @@ def test_send_images_false(srv):
     assert body["images"] == [] and json.loads(body["info"])["seed"] >= 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra,field", [
     ({"sampler_name": "Euler a"}, "sampler_name"),
     ({"sampler_index": "DPM++ 2M"}, "sampler_index"),
@@ -102,12 +105,14 @@ def test_refusals_name_the_field(srv, extra, field):
     assert field.split(".")[0] in (err.get("field") or "") + err["message"], err
 
 
+@pytest.mark.slow
 def test_webuiapi_defaults_refused_for_another_sampler(srv):
     api = webuiapi.WebUIApi(baseurl=srv.url + "/sdapi/v1")  # sampler "Euler a", as the client defaults
     with pytest.raises(RuntimeError, match="sampler_name"):
         api.txt2img(prompt="x", width=64, height=64)
 
 
+@pytest.mark.slow
 def test_models_and_options(srv):
     api = client(srv)
     models = api.get_sd_models()
@@ -122,6 +127,7 @@ def test_models_and_options(srv):
         assert c.post("/sdapi/v1/options", json={"sd_vae": "auto"}).status_code == 422
 
 
+@pytest.mark.slow
 def test_progress_with_preview_and_eta_then_interrupt(tmp_path):
     server = LiveServer("--devices", "cpu", "--a1111-api", "--sizes", "256x256",
                         env={"FAKE_WORKER_STEP_S": "0.2"})  # 64 patches x 0.2 s: ~13 s unless interrupted
@@ -166,6 +172,7 @@ def test_routes_are_off_by_default():
         server.kill()
 
 
+@pytest.mark.slow
 def test_schemathesis_on_the_a1111_routes(srv, tmp_path):
     with srv.client() as c:
         paths = c.get("/openapi.json").json()["paths"]
@@ -185,9 +192,10 @@ def test_schemathesis_on_the_a1111_routes(srv, tmp_path):
 # ---- the real worker, a diffusers-layout checkpoint -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not real_worker_available(), reason="needs the real worker")
 def test_real_server_diffusers_checkpoint_same_images(tmp_path):
-    from test_diffusers_layout import t2i_images
+    from test_diffusers_layout import T2I_SIDE, t2i_images
 
     from bitdance_core.cli import main as cli_main
 
@@ -198,19 +206,22 @@ def test_real_server_diffusers_checkpoint_same_images(tmp_path):
     try:
         server.wait_ready(180)
         assert server.info()["model"] == "diffusers"
-        r = client(server).txt2img(prompt="a red fox in the snow", seed=11, width=256, height=256, batch_size=2,
-                                   cfg_scale=3.0, steps=3)
+        r = client(server).txt2img(prompt="a red fox in the snow", seed=11, width=T2I_SIDE, height=T2I_SIDE,
+                                   batch_size=2, cfg_scale=3.0, steps=3)
         with server.client(timeout=300) as c:
-            g = c.post("/generate", json={"prompt": "a red fox in the snow", "seed": 11, "width": 256, "height": 256,
-                                          "num_images": 2, "guidance_scale": 3.0, "steps": 3}).json()
+            g = c.post("/generate", json={"prompt": "a red fox in the snow", "seed": 11, "width": T2I_SIDE,
+                                          "height": T2I_SIDE, "num_images": 2, "guidance_scale": 3.0,
+                                          "steps": 3}).json()
     finally:
         server.kill()
     a1111 = np.stack([np.asarray(im.convert("RGB")) for im in r.images])
     generate = np.stack([pixels(decode_b64(im["b64_json"])) for im in g["images"]])
     official, _ = t2i_images(tmp_path / "official")  # in-process engine, the official-layout twin
+    assert a1111.shape == (2, T2I_SIDE, T2I_SIDE, 3)
     assert np.array_equal(a1111, generate) and np.array_equal(generate, official)
 
 
+@pytest.mark.slow
 def test_class_conditional_server_refuses(tmp_path):
     """A class-conditional diffusers folder serves (the worker dispatches it to the class loader) and the A1111
     routes refuse it clearly."""

@@ -36,7 +36,6 @@ GENERATION_TIMEOUT_S = 180.0
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.slow,
     pytest.mark.skipif(
         not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
         reason=f"needs Debian chromium + chromium-driver ({CHROMIUM}, {CHROMEDRIVER})",
@@ -171,6 +170,7 @@ def _choose_size(driver, want: str = "64x64") -> tuple[int, int]:
     )
 
 
+@pytest.mark.slow
 def test_page_streams_previews_then_shows_the_image(driver, server_url: str, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -257,6 +257,7 @@ def test_page_shows_validation_errors(driver, server_url: str) -> None:
     assert driver.find_element(By.ID, "generate").is_enabled()
 
 
+@pytest.mark.slow
 def test_sse_parser_handles_any_chunking(driver, server_url: str) -> None:
     """The page's SSE parser gives the same events however the stream is split (CRLF, comments, no final blank)."""
     driver.get(server_url + "/")
@@ -302,6 +303,7 @@ def test_sse_parser_handles_any_chunking(driver, server_url: str) -> None:
         )
 
 
+@pytest.mark.slow
 def test_cancel_stops_the_request_on_the_server(driver, server_url: str, tmp_path: Path) -> None:
     import json
 

@@ -89,6 +89,7 @@ def test_output_suffix_picks_the_format(tmp_path, capsys):
     assert "not an image format" in capsys.readouterr().err and not (tmp_path / "w.gif").exists()
 
 
+@pytest.mark.slow  # two generations in a fresh interpreter: the CI gate runs it
 def test_generate_applies_the_servers_cpu_thread_policy(tmp_path):
     """The CLI's threads, OpenMP wait policy and inter-op threads are the server's (one shared function), set
     before torch loads; --threads overrides the count."""

@@ -67,8 +67,13 @@ def _requests(family: str, engine) -> list[GenerationRequest]:
             GenerationRequest("c", "", h, w, seed=3, steps=2, guidance_scale=1.0, class_label=(5,))]
 
 
-@pytest.mark.parametrize("device", ["cuda:0", "cuda:1"])
-@pytest.mark.parametrize("family", FAMILIES)
+# ~40 CPU-s each: make test-fast runs one (text-to-image on the second device), the CI gate all six
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("family, device", [
+    pytest.param(family, device, marks=() if (family, device) == ("text-to-image", "cuda:1") else SLOW)
+    for family in FAMILIES for device in ("cuda:0", "cuda:1")])
 def test_worker_on_cuda(checkpoints, family, device):
     t0 = time.process_time()
     dev = torch.device(device)

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from server_harness import LiveServer, decode_b64, iter_sse, real_worker_available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not real_worker_available(), reason="needs the real worker")]
+pytestmark = [pytest.mark.skipif(not real_worker_available(), reason="needs the real worker")]
 FIXTURE = Path(__file__).parent / "fixtures" / "reference-imagenet-tiny-a"
 CASES = json.loads((FIXTURE / "golden.json").read_text())["cases"]
 
@@ -39,6 +39,7 @@ def pixels(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(decode_b64(b64))).convert("RGB"))
 
 
+@pytest.mark.slow
 def test_info(srv):
     info = srv.info()
     assert info["kind"] == "class-conditional" and info["num_classes"] == 1000
@@ -48,6 +49,7 @@ def test_info(srv):
     assert info["class_names"][360] == "otter" and info["cfg_schedules"] == ["linear", "constant"]
 
 
+@pytest.mark.slow
 def test_golden_cases_over_http_concurrently(srv):
     golden = load_file(FIXTURE / "golden.safetensors")
 
@@ -68,6 +70,7 @@ def test_golden_cases_over_http_concurrently(srv):
         assert np.abs(got.astype(int) - golden[f"case{i}.image"].numpy().astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_prompt_naming_a_class_equals_its_label(srv):
     common = {"seed": 3, "steps": 2, "guidance_scale": 2.0}
     with srv.client(timeout=300) as cl:
@@ -79,12 +82,14 @@ def test_prompt_naming_a_class_equals_its_label(srv):
     assert np.array_equal(img[0], img[1]) and not np.array_equal(img[1], img[2])
 
 
+@pytest.mark.slow
 def test_openai_client_with_a_class_name(srv):
     client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=300)
     res = client.images.generate(prompt="goldfish", n=2, size="256x256", extra_body={"steps": 2, "seed": 1})
     assert len(res.data) == 2 and pixels(res.data[0].b64_json).shape == (256, 256, 3)
 
 
+@pytest.mark.slow
 def test_streaming_previews(srv):
     with srv.client(timeout=300) as cl, cl.stream("POST", "/generate", json={"class_label": 1, "steps": 2,
                                                                             "stream": True}) as r:
@@ -92,6 +97,7 @@ def test_streaming_previews(srv):
     assert "preview" in events and events[-1] == "completed"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, field", [
     ({"class_label": [1, 2], "num_images": 3}, "num_images"),
     ({"class_label": 1000}, "class_label"),

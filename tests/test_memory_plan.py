@@ -131,11 +131,17 @@ def _tiny():
     return cfg, tok, serving
 
 
+# a whole plan (the solve measures the engine's steps on fake tensors, several times): 15-55 CPU-s each on 2 cores;
+# make test-fast runs the accounting tests above and below, the CI gate all of them
+PLAN_SOLVE = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return _tiny()
 
 
+@pytest.mark.slow  # every AR step on fake tensors, three times: over 60 CPU-s; the CI gate runs it
 def test_fast_forward_measures_what_every_step_measures(tiny):
     """The plan skips the AR steps between the second and the next-to-last; stepping through all of
     them must give the same peak (the worst step is the one with the longest keys)."""
@@ -233,6 +239,7 @@ def test_fake_peaks_equal_real_peaks(tiny):
         assert real[k] == pytest.approx(fake[k], rel=1e-3), k
 
 
+@PLAN_SOLVE
 def test_plan_adds_up(tiny):
     cfg, tok, serving = tiny
     gpu = 2**30
@@ -251,6 +258,7 @@ def test_plan_adds_up(tiny):
     assert set(p.as_json()) == set(mp.JSON_KEYS)
 
 
+@PLAN_SOLVE
 def test_plan_runs_the_cuda_path(tiny):
     """The plan's engine runs on fake ``cuda`` tensors: the CUDA branches (key lengths rounded to KEY_BUCKET, the
     folded GQA attention) and the graph pool are measured; with graphs off the captured functions' bytes are in
@@ -278,6 +286,7 @@ def test_plan_runs_the_cuda_path(tiny):
     assert off["ar_step"] > on["ar_step"]  # graphs off: the captured functions' transient is the step's
 
 
+@PLAN_SOLVE
 def test_class_conditional_plan(tmp_path):
     """``bitdance plan`` for a class-conditional preset: the family builds the model and makes the requests."""
     p = mp.plan_preset("imagenet-tiny", 2**30, "bfloat16", reserved_bytes=2**30 - 64 * 2**20)
@@ -289,6 +298,7 @@ def test_class_conditional_plan(tmp_path):
         mp.plan_preset("imagenet-tiny", 2**30, size=(512, 512))
 
 
+@PLAN_SOLVE
 def test_does_not_fit_says_what_would(tiny):
     """A plan that does not fit names what would fit one request: --quantize int8 (its weights built as that load
     keeps them), a smaller size, and the device size one request needs."""
@@ -312,6 +322,7 @@ def _cli(*args):
                           cwd=REPO_ROOT, timeout=300)
 
 
+@PLAN_SOLVE
 def test_cli_json_has_exactly_the_keys():
     r = _cli("--preset", "tiny", "--gpu-memory", "1.06GiB", "--size", "256x256", "--json")
     assert r.returncode == 0, r.stderr
@@ -321,6 +332,7 @@ def test_cli_json_has_exactly_the_keys():
     assert out["max_concurrent_requests"] * 2 == out["kv_rows"]
 
 
+@PLAN_SOLVE
 def test_cli_model_dir_and_not_fitting_exit_1():
     from bitdance_core import default_model_dir
 

@@ -16,7 +16,6 @@ import httpx
 import pytest
 from server_harness import LiveServer, iter_sse, metric, wait_for
 
-pytestmark = pytest.mark.slow
 SLOW = {"width": 256, "height": 256}  # 64 AR steps x 20 ms on the fake worker
 OUTCOMES = ("completed", "invalid", "rejected", "too_large", "cancelled", "timeout", "worker_died", "worker_hung",
             "error")  # fmt: skip
@@ -80,6 +79,7 @@ def test_submit_poll_events_result(srv: LiveServer, c: httpx.Client) -> None:
     assert body["preview"]["b64_json"] and body["position"] is None
 
 
+@pytest.mark.slow
 def test_queued_position_and_running_progress(srv: LiveServer, c: httpx.Client) -> None:
     ids = [c.post("/v1/jobs", json={"prompt": f"q{i}", **SLOW}).json()["id"] for i in range(3)]
     third = c.get(f"/v1/jobs/{ids[2]}").json()
@@ -91,6 +91,7 @@ def test_queued_position_and_running_progress(srv: LiveServer, c: httpx.Client) 
         c.delete(f"/v1/jobs/{job_id}")
 
 
+@pytest.mark.slow
 def test_delete_cancels_in_the_worker_and_deletes(srv: LiveServer, c: httpx.Client) -> None:
     def engine() -> dict[str, Any]:
         return srv.info()["workers"][0]["engine"]
@@ -107,6 +108,7 @@ def test_delete_cancels_in_the_worker_and_deletes(srv: LiveServer, c: httpx.Clie
     wait_for(lambda: engine()["requests"] == 0, 10, "the engine holds nothing")
 
 
+@pytest.mark.slow
 def test_streaming_generate_is_a_job_cancellable_by_id(srv: LiveServer, c: httpx.Client) -> None:
     with c.stream("POST", "/generate", json={"prompt": "__hang__", "stream": True}) as r:
         rid = r.headers["x-request-id"]
@@ -119,6 +121,7 @@ def test_streaming_generate_is_a_job_cancellable_by_id(srv: LiveServer, c: httpx
     assert rest[-1][0] == "error" and rest[-1][1]["code"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_unknown_404_evicted_410_ttl_and_count(srv: LiveServer, c: httpx.Client) -> None:
     assert c.get("/v1/jobs/" + "0" * 32).status_code == 404
     assert c.get("/v1/jobs/not-a-job-id").status_code == 404  # malformed: unknown, not a 422 with a regex
@@ -134,6 +137,7 @@ def test_unknown_404_evicted_410_ttl_and_count(srv: LiveServer, c: httpx.Client)
     assert all(c.get(f"/v1/jobs/{i}").status_code == 410 for i in ids[1:])
 
 
+@pytest.mark.slow
 def test_jobs_share_the_queue_limits(srv: LiveServer, c: httpx.Client) -> None:
     codes = [c.post("/v1/jobs", json={"prompt": "__hang__"}) for _ in range(6)]
     statuses = [r.status_code for r in codes]
@@ -144,6 +148,7 @@ def test_jobs_share_the_queue_limits(srv: LiveServer, c: httpx.Client) -> None:
             c.delete(r.json()["status_url"])
 
 
+@pytest.mark.slow
 def test_worker_death_fails_the_job(srv: LiveServer, c: httpx.Client) -> None:
     victim = c.post("/v1/jobs", json={"prompt": "a", **SLOW}).json()
     wait_for(lambda: c.get(victim["status_url"]).json()["status"] == "running", 10, "running")
@@ -154,6 +159,7 @@ def test_worker_death_fails_the_job(srv: LiveServer, c: httpx.Client) -> None:
     srv.wait_ready(30)
 
 
+@pytest.mark.slow
 def test_every_generation_request_ends_in_exactly_one_status(srv: LiveServer) -> None:
     srv.wait_ready(30)
     before = _totals(srv)

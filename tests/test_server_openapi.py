@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from server_harness import REPO, LiveServer
 
-pytestmark = pytest.mark.slow
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 TOKENIZER_CONFIG = Path(__file__).with_name("schemathesis-tokenizer.toml")
 MAX_EXAMPLES = int(os.environ.get("BITDANCE_SCHEMATHESIS_EXAMPLES", "12"))
@@ -66,6 +65,7 @@ def test_schema_documents_media_types_and_limits(srv: LiveServer) -> None:
     assert set(size["enum"]) == {"auto", *info["sizes"]}
 
 
+@pytest.mark.slow
 def test_token_limit_is_declared_and_is_the_only_excused_rejection(srv: LiveServer) -> None:
     from schemathesis_hooks import is_token_limit
 
@@ -82,6 +82,7 @@ def test_token_limit_is_declared_and_is_the_only_excused_rejection(srv: LiveServ
         assert "max_prompt_tokens" in schema["paths"][path]["post"]["responses"][status]["description"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_schemathesis_finds_no_failure(srv: LiveServer, tmp_path: Path, seed: int) -> None:
     cmd = [
@@ -104,6 +105,7 @@ def test_schemathesis_finds_no_failure(srv: LiveServer, tmp_path: Path, seed: in
     assert summary and summary[-1].startswith("No issues found"), text[-4000:]
 
 
+@pytest.mark.slow
 def test_schemathesis_tokenizer_routes(tmp_path: Path) -> None:
     """POST /v1/tokenize and /v1/detokenize on a real tokenizer-only server (the tiny autoencoder), the same
     checks; schemathesis-tokenizer.toml lets a schema-valid body that is no image (or tokens of another shape)

@@ -28,7 +28,6 @@ from openai import OpenAI
 from PIL import Image
 from server_harness import LiveServer, decode_b64, iter_sse, metric, real_worker_available, wait_for
 
-pytestmark = pytest.mark.slow
 REAL = real_worker_available()
 FAST = {"width": 64, "height": 64, "steps": 2}
 BATCHED = {"width": 128, "height": 128, "steps": 4}  # 16 AR steps: concurrent requests overlap in the engine
@@ -87,6 +86,7 @@ def test_info_and_cors_off(srv: LiveServer) -> None:
     assert "access-control-allow-origin" not in r.headers
 
 
+@pytest.mark.slow
 def test_16_concurrent_requests_complete_batched_on_both_workers(srv: LiveServer) -> None:
     before = {w["index"]: w["completed"] for w in srv.info()["workers"]}
     with srv.client() as c, ThreadPoolExecutor(16) as ex:
@@ -107,6 +107,7 @@ def test_16_concurrent_requests_complete_batched_on_both_workers(srv: LiveServer
     assert metric(text, "bitdance_requests_total", 'status="completed"') >= 16
 
 
+@pytest.mark.slow
 def test_sse_with_real_previews(srv: LiveServer) -> None:
     body = {"prompt": "a red ball", "width": 128, "height": 128, "steps": 2, "seed": 5, "stream": True}
     with srv.client() as c, c.stream("POST", "/generate", json=body) as r:
@@ -131,6 +132,7 @@ def test_sse_with_real_previews(srv: LiveServer) -> None:
         assert "Seed: 5" in img.text["parameters"]
 
 
+@pytest.mark.slow
 def test_raw_png_and_tokens(srv: LiveServer) -> None:
     with srv.client() as c:
         r = c.post("/generate", json={"prompt": "a", "seed": 1, **FAST}, headers={"Accept": "image/png"})
@@ -140,6 +142,7 @@ def test_raw_png_and_tokens(srv: LiveServer) -> None:
     assert n == (64 // 16) ** 2 and len(decode_b64(body["images"][0]["tokens"])) == n * bits // 8
 
 
+@pytest.mark.slow
 def test_prompt_too_long_in_tokens_is_422_from_the_worker(srv: LiveServer) -> None:
     limits = srv.info()["limits"]
     rng = random.Random(0)
@@ -156,6 +159,7 @@ def test_prompt_too_long_in_tokens_is_422_from_the_worker(srv: LiveServer) -> No
         assert r.status_code == 200
 
 
+@pytest.mark.slow
 def test_openai_client(srv: LiveServer) -> None:
     client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=120, max_retries=0)
     assert [m.id for m in client.models.list().data] == [srv.info()["model"]]
@@ -175,6 +179,7 @@ def test_openai_client(srv: LiveServer) -> None:
     assert _png(events[-1].b64_json).size == (128, 128) and events[-1].size == "128x128"
 
 
+@pytest.mark.slow
 def test_disconnect_cancels_in_the_worker(srv: LiveServer, endless: dict[str, Any]) -> None:
     """The engine itself frees the rows: its own cancel / freed-row counts move (a request that
     finished by itself would not move them)."""
@@ -192,6 +197,7 @@ def test_disconnect_cancels_in_the_worker(srv: LiveServer, endless: dict[str, An
     assert metric(srv.metrics(), "bitdance_requests_total", 'status="cancelled"') >= 1
 
 
+@pytest.mark.slow
 def test_job_end_to_end_and_delete(srv: LiveServer, endless: dict[str, Any]) -> None:
     with srv.client() as c:
         r = c.post("/v1/jobs", json={"prompt": "a job", "seed": 9, **FAST})
@@ -221,6 +227,7 @@ def test_job_end_to_end_and_delete(srv: LiveServer, endless: dict[str, Any]) -> 
         assert _engine(srv, index)["used_rows"] == 0
 
 
+@pytest.mark.slow
 def test_openai_fidelity(srv: LiveServer) -> None:
     client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=120, max_retries=0)
     model = srv.info()["model"]
@@ -257,6 +264,7 @@ def test_openai_fidelity(srv: LiveServer) -> None:
     assert events[-1].type == "image_generation.completed" and events[-1].usage.input_tokens > 0
 
 
+@pytest.mark.slow
 def test_sigstop_worker_is_killed_and_restarted(srv: LiveServer, endless: dict[str, Any]) -> None:
     hangs = metric(srv.metrics(), "bitdance_worker_hangs_total")
     events: list[tuple[str, dict[str, Any]]] = []
@@ -305,6 +313,7 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+@pytest.mark.slow
 def test_kill9_errors_then_recovery(srv: LiveServer, slow: dict[str, Any]) -> None:
     restarts = metric(srv.metrics(), "bitdance_worker_restarts_total")
     events: list[tuple[str, dict[str, Any]]] = []
@@ -346,6 +355,7 @@ def test_kill9_errors_then_recovery(srv: LiveServer, slow: dict[str, Any]) -> No
         assert c.post("/generate", json={"prompt": "back again", **FAST}).status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_exits_0(srv: LiveServer) -> None:
     """Last in this module: stops the module's server."""
     result: dict[str, httpx.Response] = {}

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 from server_harness import TINY_MODEL, LiveServer
 
-pytestmark = pytest.mark.slow
 GOLDEN = Path(__file__).parent / "fixtures" / "tokenizer-official"
 
 
@@ -43,6 +42,7 @@ def ae_srv() -> Iterator[LiveServer]:
         server.kill()
 
 
+@pytest.mark.slow
 def test_tokenizer_only_server_matches_official_tokens(ae_srv):
     from safetensors.numpy import load_file
 
@@ -90,6 +90,7 @@ def test_size_policy_is_never_silent(ae_srv):
         assert body["token_shape"] == [12, 16]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "field"),
     [
@@ -107,6 +108,7 @@ def test_tokenize_bad_input_names_the_field(ae_srv, body, field):
     assert r.json()["error"]["field"] == field
 
 
+@pytest.mark.slow
 def test_detokenize_bad_input_names_the_field(ae_srv):
     tokens = np.packbits(np.ones(24 * 16, bool)).tobytes()
     ok = {"tokens": _b64(tokens), "token_shape": [24, 16], "width": 96, "height": 64}
@@ -129,6 +131,7 @@ def test_detokenize_bad_input_names_the_field(ae_srv):
         assert r.status_code == 422 and r.json()["error"]["field"] == "image"
 
 
+@pytest.mark.slow
 def test_generate_return_tokens_decode_to_the_same_image():
     srv = LiveServer("--devices", "cpu", "--threads", "1", "--tokenizer-routes", fake=False)
     try:
@@ -151,6 +154,7 @@ def test_generate_return_tokens_decode_to_the_same_image():
         srv.kill()
 
 
+@pytest.mark.slow
 def test_class_conditional_server_tokenizer_routes():
     """An ImageNet model with --tokenizer-routes: its encoder (from the --vae file) is loaded before the
     engine; /generate's return_tokens decode to the same image, and the golden image tokenizes as the official
