@@ -7,6 +7,7 @@ The 14B figures are checked only where they cost no trajectory (weights and KV s
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -366,3 +367,31 @@ def test_engine_start_up_plan_on_a_pretend_device(tiny, monkeypatch):
     assert 1 <= p.max_concurrent_requests <= 8
     assert p.kv_bytes + max(p.peak_prefill_bytes, p.peak_step_bytes) <= free - int(mp.RESERVED_FRACTION * total)
     assert p.weights_bytes == sum(t.numel() * 4 for m in modules for t in [*m.parameters(), *m.buffers()])
+
+
+def test_the_step_peak_holds_the_noise_buffer_of_the_longest_allowed_request(tiny):
+    """A request may ask for up to ``limits.steps`` sampler steps; the runner keeps ``steps + 1`` noise slices
+    for it for the engine's life (plus the warm-up's default-step buffer beside it with graphs on), so the plan
+    counts that buffer, not the 3 slices of its own 2-step requests."""
+    from dataclasses import replace
+
+    from bitdance_core.engine.serving_config import Limits
+
+    cfg, tok, serving = tiny
+    short = replace(serving, limits=Limits(steps=(1, 10)))
+    long = replace(serving, limits=Limits(steps=(1, 110)))
+    ecfg = EngineConfig(cuda_graphs="off")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = mp.fake_model(cfg, tok, torch.float32)
+        mp.measure_peaks(model, short, ecfg, TINY_SIZE, 1)  # process-wide caches filled once
+        a = mp.measure_peaks(model, short, ecfg, TINY_SIZE, 2)
+        b = mp.measure_peaks(model, long, ecfg, TINY_SIZE, 2)
+        from bitdance_core.engine.engine import Engine
+
+        shapes = mp.engine_shapes(model, serving, ecfg)
+        probe = Engine(model, replace(ecfg, max_batch_requests=2, max_waiting=2,
+                                      kv_budget_bytes=4 * shapes.kv_tokens_per_row * shapes.kv_bytes_per_token_row),
+                       serving)
+        noise = probe.runner.noise  # (slices, rows, P, C): no slice reserved yet
+        slice_bytes = math.prod(noise.shape[1:]) * noise.element_size()
+    assert b["step"] - a["step"] == 100 * slice_bytes > 0

@@ -19,7 +19,8 @@ worst-case requests (``family.module_bytes()``, ``family.plan_requests(...)``).
   bf16); a row holds the longest sequence of any allowed size (template + the longest prompt + the
   image prefix + the image tokens).
 * ``peak_prefill_bytes`` / ``peak_step_bytes``: the most bytes the engine holds beyond weights and
-  KV while it runs the N requests: per-request state, the unconditional prefix cache and every
+  KV while it runs the N requests: per-request state, the unconditional prefix cache, the sampler's
+  noise buffer sized for the longest request the limits allow (:func:`_reserve_noise`) and every
   transient (activations, attention inputs, masks). They are *measured*: the real ``Engine`` runs
   its real ``step()`` under ``FakeTensorMode`` (no memory allocated, no kernel run) on a model built
   from the configs (no weight read) and :class:`~bitdance_core.planning.fake_memory.LiveBytes` records the
@@ -279,6 +280,7 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     built = engine.family.prior.kv_layout()[0]
     peaks = {}
     with LiveBytes() as live:
+        _reserve_noise(engine, serving, graphs)
         if (layers or built) != built:  # a prefix's K/V holds every layer: count it at the planned depth
             def export_prefix(slot, export=engine.cache.export_prefix, live=live):
                 with live.scaled(layers, built):
@@ -328,6 +330,14 @@ def measure_peaks(model, serving: ServingConfig, engine_config, size: tuple[int,
     for rid in list(engine.requests):
         engine.cancel(rid)
     return peaks
+
+
+def _reserve_noise(engine, serving: ServingConfig, graphs: bool) -> None:
+    """The sampler's noise buffer at its largest as served: ``steps + 1`` slices for the longest request the
+    limits allow, plus, with graphs on, the warm-up's buffer of the default step count, which the declared
+    graphs keep beside it (``Runner._noise_for``). The planning requests run ``PLAN_STEPS`` steps in it."""
+    longest = serving.limits.steps[1]
+    engine.runner.reserve_steps(longest + (serving.default_steps + 1 if graphs else 0))
 
 
 def _fast_forward(engine, to_step: int) -> None:
