@@ -40,7 +40,11 @@ def _run(model, reqs):
     return out
 
 
-def test_engine_runs_in_bf16_close_to_the_float32_golden_tokens(bf16):
+# bf16 on CPU is slow: make test-fast runs the cheapest case (64x128, 4 steps, unguided, 2 images; ~4 s), the CI gate
+# all three together in one engine
+@pytest.mark.parametrize("cases", [pytest.param((1,), id="case1"),
+                                   pytest.param((0, 1, 2), id="all", marks=pytest.mark.slow)])
+def test_engine_runs_in_bf16_close_to_the_float32_golden_tokens(bf16, cases):
     """Every layer runs in bf16 (weights, KV cache, activations); the first block is sampled from the
     same noise as float32, so its bits mostly agree, and the images stay close to float32's."""
     from safetensors.torch import load_file
@@ -48,9 +52,11 @@ def test_engine_runs_in_bf16_close_to_the_float32_golden_tokens(bf16):
     assert bf16.llm.dtype == bf16.head.dtype == torch.bfloat16
     golden = load_file(str(FIXTURE / "golden.safetensors"))
     reqs = bench_bf16.golden_requests(FIXTURE)
-    out = _run(bf16, reqs)
+    out = _run(bf16, [reqs[i] for i in cases])
     P = bf16.config.parallel_num
     for i, r in enumerate(reqs):
+        if i not in cases:
+            continue
         tok, want = out[r.request_id]["tokens"], golden[f"case{i}.tokens"]
         assert tok.shape == want.shape and set(tok.unique().tolist()) <= {-1, 1}
         assert (tok[:, :P] == want[:, :P]).float().mean() >= 0.95  # measured 0.984 on every case

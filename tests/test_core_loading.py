@@ -99,6 +99,30 @@ def test_missing_tokenizer(tmp_path, files):
         load_model(d, device="cpu")
 
 
+@pytest.mark.parametrize("declared", ["Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", None])
+def test_tokenizer_is_the_class_auto_tokenizer_picks(tmp_path, declared):
+    """``load_tokenizer`` imports the class of the directory's ``tokenizer_class`` directly (the released 14B
+    checkpoints declare ``Qwen2Tokenizer``), else asks ``AutoTokenizer``: the same class and ids either way."""
+    from transformers import AutoTokenizer
+
+    from bitdance_core.families.text_to_image.loader import load_tokenizer
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    for f in (*TOKENIZER_FILES, "config.json"):  # without tokenizer_class, AutoTokenizer reads the model_type
+        shutil.copy(FIXTURE / f, d / f)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("tokenizer_class")
+    if declared:
+        cfg["tokenizer_class"] = declared
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    ours, auto = load_tokenizer(d), AutoTokenizer.from_pretrained(str(d))
+    assert type(ours) is type(auto) and ours.is_fast
+    text = "<|im_start|>user\na red fox, 東京 🎨<|im_end|>"
+    assert ours.encode(text) == auto.encode(text) and len(ours) == len(auto)
+    assert ours.unk_token_id == auto.unk_token_id and ours.eos_token_id == auto.eos_token_id
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope", device="cpu")

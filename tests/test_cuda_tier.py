@@ -67,12 +67,14 @@ def _requests(family: str, engine) -> list[GenerationRequest]:
             GenerationRequest("c", "", h, w, seed=3, steps=2, guidance_scale=1.0, class_label=(5,))]
 
 
-# ~40 CPU-s each: make test-fast runs one (text-to-image on the second device), the CI gate all six
+# ~40 CPU-s each: make test-fast runs one (text-to-image on the second device, at most 2 requests a batch: fewer
+# row buckets, fewer graphs to capture on fake tensors), the CI gate all six at 4
 SLOW = pytest.mark.slow
+FAST = ("text-to-image", "cuda:1")
 
 
 @pytest.mark.parametrize("family, device", [
-    pytest.param(family, device, marks=() if (family, device) == ("text-to-image", "cuda:1") else SLOW)
+    pytest.param(family, device, marks=() if (family, device) == FAST else SLOW)
     for family in FAMILIES for device in ("cuda:0", "cuda:1")])
 def test_worker_on_cuda(checkpoints, family, device):
     t0 = time.process_time()
@@ -81,7 +83,8 @@ def test_worker_on_cuda(checkpoints, family, device):
     from bitdance_core.engine.engine_config import EngineConfig
 
     config = WorkerConfig(model_dir=checkpoints[family], device=device, dtype="bfloat16", sizes=sizes,
-                          engine=EngineConfig(cuda_graphs="on", max_batch_requests=4, preview_every=0),
+                          engine=EngineConfig(cuda_graphs="on", max_batch_requests=2 if (family, device) == FAST else 4,
+                                                      preview_every=0),
                           worker_index=dev.index)
     check = DeviceCheck(dev, torch.bfloat16)  # also while warming up: that is when the graphs are captured
     with fake_cuda(devices=2) as cuda, mock.patch.object(class_family, "DEFAULT_STEPS", STEPS):

@@ -165,6 +165,7 @@ def _deep(cfg, layers=5):
                                                                        "depth_adanln": 2})
 
 
+@pytest.mark.slow  # a 5-layer model on fake tensors, twice: ~20 s; test_fake_peaks_equal_real_peaks stays fast
 def test_shallow_model_measures_what_the_full_depth_measures(tiny):
     """The plan runs a model of PLAN_LAYERS prior layers and counts what grows with depth at the planned depth
     (the exported prefixes of the prefix cache; weights and KV are not in the peaks): its peaks equal a run of
@@ -352,6 +353,7 @@ def test_cli_model_dir_and_not_fitting_exit_1():
     assert r.returncode == 2 and "--gpu-memory" in r.stderr
 
 
+@pytest.mark.slow  # ~15 s; the CUDA tier's fast test runs plan_on_device through build_engine
 def test_engine_start_up_plan_on_a_pretend_device(tiny, monkeypatch):
     """``plan_on_device`` (what the engine runs on CUDA when no KV budget is set): what the free memory
     leaves after the measured peak and the slack, at most max_batch_requests requests."""

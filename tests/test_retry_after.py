@@ -10,7 +10,7 @@ from server_harness import LiveServer
 
 from server.drain import MAX_RETRY_AFTER_S, rate_of, retry_after_s
 
-SLOW = {"prompt": "a", "width": 256, "height": 256}  # 64 AR steps x 50 ms: about 3.2 s per request
+SLOW = {"prompt": "a", "width": 256, "height": 256}  # 64 AR steps x 30 ms: about 2 s per request
 
 
 def test_formula() -> None:
@@ -27,7 +27,7 @@ def test_formula() -> None:
 
 def test_429_retry_after_is_the_measured_queue_drain() -> None:
     srv = LiveServer("--devices", "cpu", "--max-batch-requests", "1", "--max-queue", "1",
-                     env={"FAKE_WORKER_STEP_S": "0.05"})  # fmt: skip
+                     env={"FAKE_WORKER_STEP_S": "0.03"})  # fmt: skip
     try:
         srv.wait_ready(60)
         with srv.client() as c, ThreadPoolExecutor(4) as ex:

@@ -579,11 +579,9 @@ def plan_preset(preset: str, gpu_memory_bytes: int, dtype: str = "bfloat16", siz
         p = get_preset(preset)
     except ValueError:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted([*PRESETS, *CLASS_PRESETS])}") from None
-    from transformers import PreTrainedTokenizerFast
-
     with tempfile.TemporaryDirectory(prefix="bitdance-plan-") as tmp:
-        n_tok = write_tokenizer(p, tmp)  # its tokenizer_class: what load_tokenizer (AutoTokenizer) would pick,
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp)  # without AutoTokenizer's imports (~3 CPU-s)
+        n_tok = write_tokenizer(p, tmp)
+        tokenizer = load_tokenizer(tmp)
     config = model_config(p, n_tok, name=p.name)
     return plan(config, tokenizer, resolve("cpu", dtype).dtype, gpu_memory_bytes, size=size, **kw)
 

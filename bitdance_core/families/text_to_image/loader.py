@@ -12,6 +12,7 @@ embedding table) one by one as they are read; a pre-quantised directory (``bitda
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,17 +147,36 @@ def build_modules(config: ModelConfig, *, with_encoder: bool = False, device: st
     return llm, head, projector, ae
 
 
-def load_tokenizer(model_dir: str | Path):
-    """The fast tokenizer of a checkpoint directory (a diffusers directory's ``tokenizer/`` folder)."""
+def _tokenizer_class(model_dir: Path):
+    """The class ``AutoTokenizer`` picks for the directory's ``tokenizer_class``, imported directly when it is one
+    a BitDance checkpoint holds (Qwen2's fast tokenizer; the generic fast one of the tiny and demo models): importing
+    ``transformers.AutoTokenizer`` costs 1.3-2 CPU-s more, paid by every worker start and CLI run."""
+    try:
+        name = json.loads((model_dir / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        name = None
+    if name == "PreTrainedTokenizerFast":
+        from transformers.tokenization_utils_fast import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    if name in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        from transformers.models.qwen2.tokenization_qwen2_fast import Qwen2TokenizerFast
+
+        return Qwen2TokenizerFast
     from transformers import AutoTokenizer
 
+    return AutoTokenizer
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The fast tokenizer of a checkpoint directory (a diffusers directory's ``tokenizer/`` folder)."""
     if (Path(model_dir) / "model_index.json").is_file():
         model_dir = Path(model_dir) / "tokenizer"
     if not (Path(model_dir) / "tokenizer.json").is_file():
         raise CheckpointError(f"missing file tokenizer.json in checkpoint directory {model_dir} "
                               "(a fast tokenizer is required)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = _tokenizer_class(Path(model_dir)).from_pretrained(str(model_dir))
     except Exception as e:  # transformers raises several types for a broken tokenizer dir
         raise CheckpointError(f"{model_dir}: cannot load the tokenizer ({e})") from e
     if not getattr(tok, "is_fast", False):
