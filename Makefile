@@ -18,6 +18,9 @@ PORT ?= 8000
 TEST_WORKERS ?= $(shell $(PY) -c "from bitdance_core.cpu_threads import usable_cpus; print(usable_cpus())")
 PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 APT_TEST_PACKAGES := chromium chromium-driver
+# bytecode caches on (some images set PYTHONDONTWRITEBYTECODE): every test process and every server, worker and CLI
+# process the tests start would otherwise compile bitdance_core and rewrite the test modules' asserts again
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install run test test-fast test-deps lint bench
 install: $(VENV)/.installed

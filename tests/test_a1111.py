@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import webuiapi
 from PIL import Image
 from server_harness import REPO, LiveServer, decode_b64, real_worker_available, wait_for
 
@@ -27,7 +26,9 @@ from server.a1111_schemas import SAMPLER
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
-def client(srv: LiveServer) -> webuiapi.WebUIApi:
+def client(srv: LiveServer) -> webuiapi.WebUIApi:  # noqa: F821 (imported here: ~1 CPU-s at collection)
+    import webuiapi
+
     return webuiapi.WebUIApi(baseurl=srv.url + "/sdapi/v1", sampler=SAMPLER, scheduler="automatic", steps=4)
 
 
@@ -107,6 +108,8 @@ def test_refusals_name_the_field(srv, extra, field):
 
 @pytest.mark.slow
 def test_webuiapi_defaults_refused_for_another_sampler(srv):
+    import webuiapi
+
     api = webuiapi.WebUIApi(baseurl=srv.url + "/sdapi/v1")  # sampler "Euler a", as the client defaults
     with pytest.raises(RuntimeError, match="sampler_name"):
         api.txt2img(prompt="x", width=64, height=64)

@@ -10,21 +10,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
-from transformers import DynamicCache, Qwen3Config  # noqa: E402
-from transformers import Qwen3Model as HFQwen3Model  # noqa: E402
-
-from bitdance_core.families.text_to_image.config import LLMConfig  # noqa: E402
-from bitdance_core.models.kv_cache import KVCache  # noqa: E402
-from bitdance_core.models.qwen3 import Qwen3Model  # noqa: E402
+from bitdance_core.families.text_to_image.config import LLMConfig
+from bitdance_core.models.kv_cache import KVCache
+from bitdance_core.models.qwen3 import Qwen3Model
 
 P = 4
 ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
-def models() -> tuple[HFQwen3Model, Qwen3Model]:
+def models() -> tuple:
+    # imported here, not at the top: transformers' modeling costs every collecting test process ~6 CPU-s
+    pytest.importorskip("transformers")
+    from transformers import Qwen3Config
+    from transformers import Qwen3Model as HFQwen3Model
+
     cfg = Qwen3Config(
         vocab_size=97,
         hidden_size=64,
@@ -59,6 +59,8 @@ def _embeds(rows: int, length: int, seed: int) -> torch.Tensor:
 def _hf_reference(hf, prompt: torch.Tensor, blocks: list[torch.Tensor]) -> list[torch.Tensor]:
     """The reference's call pattern: causal prefill of all but the last P tokens, then the first block and every
     later block with an all-true (rows, 1, P, P + cache_len) boolean mask. Returns each block call's output."""
+    from transformers import DynamicCache
+
     cache = DynamicCache()
     hf(inputs_embeds=prompt[:, :-P], past_key_values=cache, use_cache=True)
     outs = []

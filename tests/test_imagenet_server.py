@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from openai import OpenAI
 from PIL import Image
 from safetensors.torch import load_file
 from server_harness import LiveServer, decode_b64, iter_sse, real_worker_available
@@ -84,6 +83,8 @@ def test_prompt_naming_a_class_equals_its_label(srv):
 
 @pytest.mark.slow
 def test_openai_client_with_a_class_name(srv):
+    from openai import OpenAI  # imported here: ~2 CPU-s for every collecting test process
+
     client = OpenAI(base_url=srv.url + "/v1", api_key="unused", timeout=300)
     res = client.images.generate(prompt="goldfish", n=2, size="256x256", extra_body={"steps": 2, "seed": 1})
     assert len(res.data) == 2 and pixels(res.data[0].b64_json).shape == (256, 256, 3)
