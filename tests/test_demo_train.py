@@ -43,7 +43,7 @@ def test_block_mask_pattern():
 
 
 def test_training_smoke(tmp_path):
-    cfg = train.RecipeConfig(num_images=32, threads=1, bpe_vocab_size=300, max_res=16)
+    cfg = train.RecipeConfig(num_images=32, threads=1, bpe_vocab_size=300, max_res=16, recon_eval_images=8)
     cfg.ae = train.AEConfig(ch=32, ch_mult=(1, 1, 2, 2), steps=2, batch=4, decoder_rounds=((2, 1e-3),))
     cfg.prior = train.PriorConfig(hidden=64, layers=1, heads=2, kv_heads=1, head_dim=32, intermediate=128,
                                   steps=2, batch=4, diff_batch_mul=1)

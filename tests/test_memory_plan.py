@@ -104,8 +104,8 @@ def test_14b_weights_and_kv_shapes(preset, vocab_params):
         assert mp.planned_weights(mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16), cfg) == parts
 
 
-def test_planned_weights_of_int8_and_class_conditional_models():
-    from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS
+@pytest.mark.slow  # the 40-layer 14B model quantised on fake tensors: 5-9 s
+def test_planned_weights_of_an_int8_model():
     from bitdance_core.loading.quantize import fake_build
 
     cfg = model_config(get_preset("14b-64x"), 1000)
@@ -113,6 +113,12 @@ def test_planned_weights_of_int8_and_class_conditional_models():
         full = mp.module_bytes(mp.fake_model(cfg, None, torch.bfloat16, fake_build("int8")))
         shallow = mp.fake_model(mp.shallow_config(cfg), None, torch.bfloat16, fake_build("int8"))
         assert mp.planned_weights(shallow, cfg) == full
+
+
+def test_planned_weights_of_class_conditional_models():
+    from bitdance_core.families.class_conditional.random_checkpoint import CLASS_PRESETS
+
+    with FakeMode():
         for name in ("imagenet-b-4x", "imagenet-h-1x"):
             c = CLASS_PRESETS[name].config()
             assert mp.planned_weights(mp.fake_model(mp.shallow_config(c), None, torch.bfloat16), c) == \

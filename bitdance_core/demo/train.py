@@ -50,6 +50,7 @@ class RecipeConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     bpe_vocab_size: int = 320
     max_res: int = 256
+    recon_eval_images: int = 150  # fresh scenes the autoencoder's reconstructions are scored on
 
 
 def _half(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -132,7 +133,7 @@ def train_demo(
             finetune_decoder(ae, latents, images, cfg.ae, seed + k, log, progress, steps=steps, lr=lr)
         summary["decoder_s"] = round(time.time() - t3, 1)
         save_autoencoder(work / "ae", ae)
-    summary["ae_recon"] = autoencoder_recon_score(ae, seed)
+    summary["ae_recon"] = autoencoder_recon_score(ae, seed, cfg.recon_eval_images)
     log.write(stage="ae_recon", **summary["ae_recon"])
     logger.info("autoencoder reconstruction scores: %s", summary["ae_recon"])
     grid = latents.shape[-1]
