@@ -67,10 +67,10 @@ def _requests(family: str, engine) -> list[GenerationRequest]:
             GenerationRequest("c", "", h, w, seed=3, steps=2, guidance_scale=1.0, class_label=(5,))]
 
 
-# ~40 CPU-s each: make test-fast runs one (text-to-image on the second device, at most 2 requests a batch: fewer
-# row buckets, fewer graphs to capture on fake tensors), the CI gate all six at 4
+# ~40 CPU-s each: make test-fast runs one (next-patch 4x on the second device, at most 2 requests a batch: fewer
+# row buckets, fewer graphs to capture on fake tensors; ~15 s, text-to-image ~21 s), the CI gate all six at 4
 SLOW = pytest.mark.slow
-FAST = ("text-to-image", "cuda:1")
+FAST = ("next-patch-4x", "cuda:1")
 
 
 @pytest.mark.parametrize("family, device", [
