@@ -29,6 +29,7 @@ import logging
 import sys
 
 from .cli_generate import CLIError, output_paths, run_generation
+from .engine.engine_config import EngineConfig, plan_knobs
 from .families.text_to_image.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 DELEGATES = {
@@ -131,6 +132,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="plan for weights quantised at load (default none; as `bitdance serve --quantize`)")
     p.add_argument("--tokenizer-routes", action="store_true",
                    help="count the AE encoder too (as `bitdance serve --tokenizer-routes`)")
+    for k in plan_knobs():  # the engine knobs whose values the plan measures, as `bitdance serve` takes them
+        p.add_argument(k.flag, dest=k.field, default=None, choices=k.choices, type=None if k.choices else int,
+                       help=f"as `bitdance serve {k.flag}` (default {k.default}): {k.help}")
 
     for name, (_, _, help_text) in DELEGATES.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -223,12 +227,16 @@ def _plan(args: argparse.Namespace) -> int:
         def progress(line: str) -> None:  # one line per measured step: a plan takes a while
             print(f"bitdance plan: {line}", file=sys.stderr, flush=True)
 
+        given = {k.field: getattr(args, k.field) for k in plan_knobs() if getattr(args, k.field) is not None}
+        for k in plan_knobs():
+            if k.ge is not None and given.get(k.field, k.ge) < k.ge:
+                raise CLIError(f"{k.flag} must be >= {k.ge}, got {given[k.field]}")
+        engine = EngineConfig(**given)
+        kw = dict(build=build, progress=progress, tokenizer_routes=args.tokenizer_routes, engine_config=engine)
         if args.preset is not None:
-            result = plan_preset(args.preset, gpu, args.dtype, size, build=build, progress=progress,
-                                 tokenizer_routes=args.tokenizer_routes)
+            result = plan_preset(args.preset, gpu, args.dtype, size, **kw)
         else:
-            result = plan_dir(args.model, gpu, args.dtype, size, build=build, progress=progress,
-                              tokenizer_routes=args.tokenizer_routes)
+            result = plan_dir(args.model, gpu, args.dtype, size, **kw)
     except (CheckpointError, ValueError) as e:  # unknown preset, broken directory, size not allowed, bad dtype
         raise CLIError(str(e)) from e
     if args.json:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bitdance_core.engine.engine import EngineConfig
+from bitdance_core.engine.engine import Engine, EngineConfig
 from bitdance_core.engine.serving_config import ServingConfig
 from bitdance_core.families.text_to_image.random_checkpoint import get_preset, model_config
 from bitdance_core.planning import memory_plan as mp
@@ -247,6 +247,22 @@ def test_fake_peaks_equal_real_peaks(tiny):
         assert real[k] == pytest.approx(fake[k], rel=1e-3), k
 
 
+@pytest.mark.slow  # ~11 s: 18 admission steps on fake tensors
+def test_requests_finishing_during_admission_are_decoded_in_the_plan(tiny):
+    """With 2 prefill rows a step (``bitdance plan --max-prefill-rows 2``), admitting more requests than a small
+    image has AR steps: the first ones finish, and are decoded, inside admission steps, as served. The plan
+    measured them on fake tensors instead of failing on their pixels; that step's peak holds the decode."""
+    cfg, tok, _ = tiny
+    serving = ServingConfig.for_model(cfg, {"sizes": [[64, 64]], "default_size": [64, 64]})
+    ecfg = EngineConfig(max_prefill_rows=2)  # one guided request a step
+    with FakeMode():
+        model = mp.fake_model(cfg, tok, torch.bfloat16, device=mp.plan_device())
+        probe = EngineConfig(kv_budget_bytes=2**30, cuda_graphs="off")
+        n = Engine(model, probe, serving).sizes.ar_steps(64, 64) + 2
+        peaks = mp.measure_peaks(model, serving, ecfg, (64, 64), n)
+    assert peaks["decode"] > 0 and peaks["prefill"] >= peaks["decode"], peaks
+
+
 @PLAN_SOLVE
 def test_plan_adds_up(tiny):
     cfg, tok, serving = tiny
@@ -338,6 +354,29 @@ def test_cli_json_has_exactly_the_keys():
     assert list(out) == list(mp.JSON_KEYS)
     assert out["fits"] is True and out["gpu_memory_bytes"] == int(1.06 * 2**30)
     assert out["max_concurrent_requests"] * 2 == out["kv_rows"]
+
+
+def test_cli_plans_at_the_engine_knobs_given(monkeypatch, capsys):
+    """``bitdance plan`` takes the knobs the plan measures (``EngineConfig``'s ``planned`` ones) as ``bitdance serve``
+    does, and plans the engine at those values; the server's bounds hold."""
+    from bitdance_core import cli
+    from bitdance_core.engine.engine_config import plan_knobs
+
+    assert [k.flag for k in plan_knobs()] == ["--max-prefill-rows", "--prefix-cache-entries", "--cuda-graphs",
+                                              "--decode-batch"]
+    seen = {}
+
+    def fake_plan(preset, gpu, dtype, size, **kw):
+        seen.update(kw)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(mp, "plan_preset", fake_plan)
+    argv = ["plan", "--preset", "tiny", "--gpu-memory", "8GiB"]
+    assert cli.main([*argv, "--max-prefill-rows", "2", "--decode-batch", "3", "--cuda-graphs", "off"]) == 2
+    assert seen["engine_config"] == EngineConfig(max_prefill_rows=2, decode_batch=3, cuda_graphs="off")
+    assert cli.main(argv) == 2 and seen["engine_config"] == EngineConfig()
+    assert cli.main([*argv, "--max-prefill-rows", "0"]) == 2
+    assert "--max-prefill-rows must be >= 1, got 0" in capsys.readouterr().err
 
 
 @PLAN_SOLVE

@@ -22,13 +22,15 @@ ENV_PREFIX = "BITDANCE_"
 
 
 def knob(default: Any, help: str, *, choices: tuple[str, ...] | None = None, setting: str | None = None,
-         ge: int | None = None) -> Any:
+         ge: int | None = None, planned: bool = False) -> Any:
     """An ``EngineConfig`` field: its default and everything the settings, flags and docs need.
 
     ``help`` is the text of ``--help``, of ``deploy/env.example`` and of the README table; ``choices`` the
     allowed strings; ``setting`` the flag / variable name when it is not the field's; ``ge`` the least
-    allowed value of an integer (``None`` stays allowed where the type has it)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "setting": setting, "ge": ge})
+    allowed value of an integer (``None`` stays allowed where the type has it); ``planned``: the memory plan measures
+    the engine at this value, so ``bitdance plan`` takes it too."""
+    return field(default=default, metadata={"help": help, "choices": choices, "setting": setting, "ge": ge,
+                                            "planned": planned})
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class EngineConfig:
         "queue_full.", setting="max_queue", ge=0)
     max_prefill_rows: int | None = knob(
         32, "KV rows admitted (prefilled) per engine step: bounds the prefill's memory, which the memory plan "
-        "measures at this value.", ge=1)
+        "measures at this value.", ge=1, planned=True)
     kv_budget_bytes: int | None = knob(
         None, "KV-cache budget per worker in bytes; unset: the memory plan on CUDA (`bitdance plan`: the GPU "
         "memory left after the weights and the measured peak of a max-batch step), 1 GiB on CPU.", ge=1)
@@ -54,19 +56,19 @@ class EngineConfig:
         choices=PREVIEW_METHODS)
     prefix_cache_entries: int = knob(
         32, "Unconditional prefixes kept for reuse (one per size and negative prompt), least recently used out; "
-        "0 = none kept.", ge=0)
+        "0 = none kept.", ge=0, planned=True)
     profile: bool = knob(
         False, "Synchronise CUDA around each engine phase so the phase timings (metrics, logs) are exact; "
         "slows serving.")
     cuda_graphs: str = knob(
         "auto", "CUDA graphs for the head's sampler loop and the prior step: auto (on for CUDA), on, off. The "
-        "warm-up captures those of the default step count at every batch bucket.", choices=CUDA_GRAPHS)
+        "warm-up captures those of the default step count at every batch bucket.", choices=CUDA_GRAPHS, planned=True)
     max_cuda_graphs: int = knob(
         16, "CUDA graphs captured while serving, beyond the warm-up's (other step counts), least recently used "
         "first out; 0 = those run without a graph.", ge=0)
     decode_batch: int = knob(
         1, "Requests whose final images are decoded together: bounds the decoder's full-size activations "
-        "(the memory plan measures it at this value).", ge=1)
+        "(the memory plan measures it at this value).", ge=1, planned=True)
 
 
 DEFAULTS = EngineConfig()
@@ -83,6 +85,7 @@ class Knob:
     help: str
     choices: tuple[str, ...] | None
     ge: int | None
+    planned: bool = False  # the memory plan measures the engine at this value (a `bitdance plan` flag too)
 
     @property
     def flag(self) -> str:
@@ -97,7 +100,13 @@ def knobs() -> tuple[Knob, ...]:
     """Every engine knob, in declaration order."""
     hints = typing.get_type_hints(EngineConfig)
     return tuple(Knob(f.name, f.metadata.get("setting") or f.name, hints[f.name], f.default, f.metadata["help"],
-                      f.metadata.get("choices"), f.metadata.get("ge")) for f in fields(EngineConfig))
+                      f.metadata.get("choices"), f.metadata.get("ge"), f.metadata.get("planned", False))
+                 for f in fields(EngineConfig))
+
+
+def plan_knobs() -> tuple[Knob, ...]:
+    """The knobs the memory plan measures the engine at (``bitdance plan`` takes them as ``bitdance serve`` does)."""
+    return tuple(k for k in knobs() if k.planned)
 
 
 def from_settings(values: Any) -> EngineConfig:
