@@ -46,7 +46,7 @@ HEAVY_FIRST = (
 )
 # the same for `make test-fast` (-m "not slow"; measured 2026-12-05)
 HEAVY_FIRST_FAST = (
-    "test_server_fake.py", "test_engine.py", "test_browser.py", "test_server_real.py", "test_cuda_tier.py",
+    "test_server_fake.py", "test_engine.py", "test_browser.py", "test_cuda_tier.py",
     "test_memory_plan.py", "test_imagenet_engine.py", "test_imagenet_golden.py", "test_retry_after.py",
     "test_demo_train.py", "test_shared_queue.py", "test_diffusers_layout.py", "test_imagenet_cli.py",
     "test_runner.py", "test_demo_model.py",

@@ -94,6 +94,8 @@ def test_fast_tests_finds_the_slow_marks() -> None:
 END_TO_END_ONLY = {
     "test_replicas.py": "test_shared_queue.py (the Redis queue, leases and events against a real redis-server)",
     "test_imagenet_browser.py": "test_browser.py (the page) and test_imagenet_server.py (class-conditional HTTP)",
+    "test_server_real.py": "test_server_fake.py (the same HTTP surface, worker pool and fault paths on the fake "
+                           "worker), test_tokenize_server.py and test_browser.py (a real worker over HTTP)",
 }
 
 

@@ -75,6 +75,7 @@ def _png(b64: str) -> Image.Image:
     return img
 
 
+@pytest.mark.slow  # two real workers start for this module (~12-20 s): end to end only (tests/test_make_test.py)
 def test_info_and_cors_off(srv: LiveServer) -> None:
     info = srv.info()
     assert info["model"] == ("reference-tiny-a" if REAL else "fake-tiny")
