@@ -162,7 +162,7 @@ def main() -> None:
     finally:
         for pol in loaded:
             pol.close()
-    results = [{"policy": p.name, "times": p.times, **p.meta} for p in loaded]
+    results = [{"policy": p.name, "times": p.times, **p.meta} for p in loaded if p.times["idle"]]  # (--baseline-reps 0)
     if args.json:
         print(json.dumps(results, indent=1))
     head = f"{'policy':<22}{'threads':>8}  " + "  ".join(f"{c:>22}" for c in CONDITIONS)
