@@ -231,8 +231,8 @@ def _plan(args: argparse.Namespace) -> int:
         for k in plan_knobs():
             if k.ge is not None and given.get(k.field, k.ge) < k.ge:
                 raise CLIError(f"{k.flag} must be >= {k.ge}, got {given[k.field]}")
-        engine = EngineConfig(**given)
-        kw = dict(build=build, progress=progress, tokenizer_routes=args.tokenizer_routes, engine_config=engine)
+        kw = dict(build=build, progress=progress, tokenizer_routes=args.tokenizer_routes,
+                  engine_config=EngineConfig(**given))
         if args.preset is not None:
             result = plan_preset(args.preset, gpu, args.dtype, size, **kw)
         else:

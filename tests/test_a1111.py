@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
@@ -23,11 +24,14 @@ from server_harness import REPO, LiveServer, decode_b64, real_worker_available, 
 
 from server.a1111_schemas import SAMPLER
 
+if TYPE_CHECKING:
+    import webuiapi
+
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
-def client(srv: LiveServer) -> webuiapi.WebUIApi:  # noqa: F821 (imported here: ~1 CPU-s at collection)
-    import webuiapi
+def client(srv: LiveServer) -> webuiapi.WebUIApi:
+    import webuiapi  # imported here, not at the top: ~1 CPU-s for every collecting test process
 
     return webuiapi.WebUIApi(baseurl=srv.url + "/sdapi/v1", sampler=SAMPLER, scheduler="automatic", steps=4)
 

@@ -80,11 +80,11 @@ def test_worker_on_cuda(checkpoints, family, device):
     t0 = time.process_time()
     dev = torch.device(device)
     sizes = ((64, 64), (64, 128)) if family == "text-to-image" else None
+    batch = 2 if (family, device) == FAST else 4
     from bitdance_core.engine.engine_config import EngineConfig
 
     config = WorkerConfig(model_dir=checkpoints[family], device=device, dtype="bfloat16", sizes=sizes,
-                          engine=EngineConfig(cuda_graphs="on", max_batch_requests=2 if (family, device) == FAST else 4,
-                                                      preview_every=0),
+                          engine=EngineConfig(cuda_graphs="on", max_batch_requests=batch, preview_every=0),
                           worker_index=dev.index)
     check = DeviceCheck(dev, torch.bfloat16)  # also while warming up: that is when the graphs are captured
     with fake_cuda(devices=2) as cuda, mock.patch.object(class_family, "DEFAULT_STEPS", STEPS):
