@@ -203,19 +203,12 @@ def test_redis_stopped_mid_run_then_back(cluster: dict[str, Any]) -> None:
 def test_kill9_of_a_replica_its_jobs_rerun_on_the_other(cluster: dict[str, Any]) -> None:
     """Last: kills replica A."""
     a, b, red = cluster["a"], cluster["b"], cluster["redis"].client()
-    streams: dict[str, list[tuple[str, dict[str, Any]]]] = {}
-    threads = []
     with b.client() as cb:
-        # whichever replica's pull wakes first takes a job, and either has room for all of them (B took all six
-        # once, just after the previous test restarted Redis): submit until A runs some, at most 12
-        while len(streams) < 6 or (len(streams) < 12 and not a.info()["workers"][0]["in_flight"]):
-            job_id = cb.post("/v1/jobs", json={**LONG, "seed": 7}).json()["id"]
-            streams[job_id] = []
-            threads.append(threading.Thread(target=_events, args=(b, job_id, streams[job_id])))
-            threads[-1].start()
-            if len(streams) >= 6:
-                time.sleep(0.5)
-    ids = list(streams)
+        ids = [cb.post("/v1/jobs", json={**LONG, "seed": 7}).json()["id"] for _ in range(6)]
+    streams: dict[str, list[tuple[str, dict[str, Any]]]] = {job_id: [] for job_id in ids}
+    threads = [threading.Thread(target=_events, args=(b, job_id, streams[job_id])) for job_id in ids]
+    for t in threads:
+        t.start()
     wait_for(lambda: a.info()["workers"][0]["in_flight"] > 0, 60, "A runs jobs")
     on_a = a.info()["workers"][0]["in_flight"]
     t0 = time.monotonic()
